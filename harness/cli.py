@@ -1,0 +1,217 @@
+"""The ``harness`` command: run, list, report, ui.
+
+Exit codes follow pytest's convention: 0 every cell finished, 1 some cell failed,
+2 interrupted, 3 internal error, 4 usage or configuration error, 5 the filters matched no cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import enum
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ConfigError, HarnessError, IncompatibleCellError, PluginError
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    CELLS_FAILED = 1
+    INTERRUPTED = 2
+    INTERNAL_ERROR = 3
+    USAGE_ERROR = 4
+    NO_CELLS = 5
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness", description="Benchmark harness for spiking neural networks.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser, matrix_required: bool = True) -> None:
+        sp.add_argument("--matrix", "-m", required=matrix_required, help="the matrix TOML file")
+        sp.add_argument("--results", default="results", help="results directory (default: %(default)s)")
+        sp.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: [tracking] uri, "
+                        "$MLFLOW_TRACKING_URI, or sqlite:///<results>/mlflow.db)")
+
+    run = sub.add_parser("run", help="run every cell of a matrix")
+    common(run)
+    run.add_argument("--dry-run", action="store_true", help="print the cells (and skipped ones, with reasons) and exit")
+    run.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                     help="run only cells whose KEY equals VALUE (repeatable; a repeated key matches any of its values)")
+    run.add_argument("--executor", default="serial", help="how cells are run (default: %(default)s)")
+
+    lst = sub.add_parser("list", help="list the installed plugins by kind")
+    lst.add_argument("--kind", default=None, help="only this kind (normalizer, threshold, trainer, loss, model, dataset)")
+
+    rep = sub.add_parser("report", help="comparison table of a matrix from MLflow (also writes summary.md/csv)")
+    common(rep)
+
+    ui = sub.add_parser("ui", help="start the MLflow UI on the configured store")
+    common(ui, matrix_required=False)
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=5000)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser().parse_args(argv)
+    try:
+        handler = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "ui": cmd_ui}[args.command]
+        return int(handler(args, argv))
+    except (ConfigError, IncompatibleCellError, PluginError) as exc:
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return ExitCode.USAGE_ERROR
+    except KeyboardInterrupt:
+        print("harness: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except HarnessError as exc:
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return ExitCode.INTERNAL_ERROR
+    except Exception:  # a bug: show everything
+        traceback.print_exc()
+        return ExitCode.INTERNAL_ERROR
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
+    from harness.executor import EXECUTORS
+    from harness.matrix import load_matrix
+    from harness.registry import build_registry, get_plugin_manager, register_observers
+    from harness.session import DEFAULT_EXPERIMENT, MatrixRun, resolve_tracking_uri
+
+    if args.executor not in EXECUTORS:
+        raise ConfigError(f"--executor {args.executor!r}: known executors: {', '.join(sorted(EXECUTORS))}")
+    pm = get_plugin_manager()
+    registry = build_registry(pm)
+    matrix = load_matrix(args.matrix, registry, only=args.only)
+    if not matrix.cells and not matrix.skipped:
+        why = "--only matched no cell" if args.only else "every cell is excluded by [[exclude]]"
+        print(f"harness: {args.matrix}: {why} ({matrix.filtered_out} filtered out, {matrix.excluded} excluded)", file=sys.stderr)
+        return ExitCode.NO_CELLS
+    if args.dry_run:
+        print(describe_matrix(matrix))
+        return ExitCode.OK
+
+    results_dir = Path(args.results)
+    run = MatrixRun(
+        matrix=matrix,
+        results_dir=results_dir,
+        tracking_uri=resolve_tracking_uri(results_dir, cli=args.tracking_uri, matrix=matrix),
+        experiment=matrix.tracking.experiment or DEFAULT_EXPERIMENT,
+        argv=["harness", *argv],
+    )
+    register_observers(pm)
+    from harness.session import run_matrix
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops cleanly, like Ctrl-C
+    try:
+        results = run_matrix(run, registry, pm.hook, EXECUTORS[args.executor]())
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return ExitCode.OK if all(r.status == "finished" for r in results) else ExitCode.CELLS_FAILED
+
+
+def describe_matrix(matrix: Any) -> str:
+    from harness.config import flatten
+
+    lines = [f"matrix {matrix.name} ({matrix.path}): {len(matrix.cells)} cell(s) to run, "
+             f"{len(matrix.skipped)} skipped, {matrix.excluded} excluded, {matrix.filtered_out} filtered out"]
+    for c in matrix.cells:
+        flat = flatten(c.config)
+        lines.append(
+            f"  run   {c.id}  [{c.label}]  {flat['dataset.name']}/{flat['model.name']} "
+            f"normalizer={flat['normalizer.name']} threshold={flat['threshold.name']} trainer={flat['trainer.name']} "
+            f"T={c.config.time_steps} epochs={c.config.epochs} seed={c.config.seed}"
+        )
+    for c in matrix.skipped:
+        lines.append(f"  skip  {c.id}  [{c.label}]  {c.skip_reason}")
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness.registry import KINDS, get_plugin_manager, build_registry
+
+    registry = build_registry(get_plugin_manager())
+    kinds = [args.kind] if args.kind else list(KINDS)
+    console = Console(soft_wrap=False, width=200 if not sys.stdout.isatty() else None)
+    for kind in kinds:
+        table = Table(title={"loss": "losses"}.get(kind, f"{kind}s"), title_justify="left", show_lines=False)
+        for col in ("name", "plugin", "package", "step modes", "options", "description"):
+            table.add_column(col, overflow="fold")
+        for name in registry.table(kind):
+            info = registry.info(kind, name)
+            table.add_row(
+                name,
+                info.plugin,
+                info.package,
+                ",".join(sorted(info.step_modes)),
+                ", ".join(o.describe() for o in info.options.values()) + (", **options" if info.accepts_any_option else ""),
+                info.description,
+            )
+        console.print(table)
+    return ExitCode.OK
+
+
+def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness import summary, tracking
+    from harness.matrix import read_toml
+    from harness.session import DEFAULT_EXPERIMENT, resolve_tracking_uri
+
+    data = read_toml(args.matrix)
+    name = data.get("name", Path(args.matrix).stem)
+    tracking_cfg = data.get("tracking", {}) if isinstance(data.get("tracking", {}), dict) else {}
+    results_dir = Path(args.results)
+    uri = resolve_tracking_uri(results_dir, cli=args.tracking_uri or tracking_cfg.get("uri"))
+    experiment = tracking_cfg.get("experiment", DEFAULT_EXPERIMENT)
+    rows = tracking.report_rows(uri, experiment, name)
+    if not rows:
+        print(f"harness: no runs of matrix {name!r} in experiment {experiment!r} at {uri}", file=sys.stderr)
+        return ExitCode.NO_CELLS
+    out = results_dir / name
+    summary.write_summary(out, rows, merge_existing=False, title=f"Matrix {name} (from MLflow)")
+    cols = [c for c in summary.columns(rows) if c not in ("label", "run_id")]
+    table = Table(title=f"matrix {name}: {len(rows)} cell(s)", title_justify="left")
+    for c in cols:
+        table.add_column(summary._title(c))
+    for r in rows:
+        table.add_row(*(summary.format_value(c, r.get(c, "")) for c in cols))
+    Console(width=200 if not sys.stdout.isatty() else None).print(table)
+    print(f"wrote {out / 'summary.md'} and {out / 'summary.csv'}")
+    return ExitCode.OK
+
+
+def cmd_ui(args: argparse.Namespace, argv: list[str]) -> int:
+    from harness import tracking
+    from harness.matrix import read_toml
+    from harness.session import resolve_tracking_uri
+
+    uri = args.tracking_uri
+    if uri is None and args.matrix:
+        cfg = read_toml(args.matrix).get("tracking", {})
+        uri = cfg.get("uri") if isinstance(cfg, dict) else None
+    uri = resolve_tracking_uri(Path(args.results), cli=uri)
+    proc = tracking.launch_ui(uri, args.host, args.port)
+    print(f"MLflow UI on http://{args.host}:{args.port}  (store: {uri}); Ctrl-C to stop", flush=True)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait()
+        return ExitCode.OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

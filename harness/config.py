@@ -1,0 +1,117 @@
+"""The resolved configuration of one matrix cell: frozen, picklable dataclasses (no torch).
+
+A :class:`CellConfig` holds every value that can change a result; its flattened form
+(:func:`flatten`) gives the MLflow parameter names (``normalizer.name``, ``optimizer.lr``, ...)
+and its hash the cell id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+COMPONENT_KINDS = ("dataset", "model", "normalizer", "threshold", "trainer", "loss")
+
+
+@dataclass(frozen=True)
+class Component:
+    """A plugin chosen by name, with its fully resolved options (factory defaults included)."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NeuronConfig:
+    """LIF neuron (METHOD.md section 1; defaults are the official code's)."""
+
+    tau: float = 2.0  # membrane time constant: decay = 1 - 1/tau
+    reset: Literal["soft", "hard"] = "soft"  # soft: u -= s*theta (official code); hard: u = 0 (Eq. 4)
+    surrogate_alpha: float = 4.0  # sigmoid surrogate steepness
+    detach_reset: bool = True  # reset kept out of the graph (official code)
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9  # SGD only
+    weight_decay: float = 5e-4
+    nesterov: bool = False  # SGD only
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW only
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: Literal["cosine", "constant", "step"] = "cosine"  # cosine annealing over all epochs
+    min_lr: float = 0.0  # cosine: the final learning rate
+    step_size: int = 30  # step: epochs between decays
+    gamma: float = 0.1  # step: decay factor
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    """Everything one cell needs. Required fields have no default."""
+
+    dataset: Component
+    model: Component
+    normalizer: Component
+    trainer: Component
+    epochs: int
+    batch_size: int
+    time_steps: int
+    threshold: Component = Component("fixed")
+    loss: Component = Component("tet")
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", "mps"
+    train_subset: int | None = None  # train on this many samples (a fixed random subset); test set always whole
+    eval_batch_size: int | None = None  # defaults to batch_size
+    num_workers: int = 0  # DataLoader workers
+    optimizer: OptimizerConfig = OptimizerConfig()
+    lr_schedule: ScheduleConfig = ScheduleConfig()
+    neuron: NeuronConfig = NeuronConfig()
+
+
+# Keys of [defaults] that are not CellConfig fields as such: component names are strings there.
+SCALAR_KEYS = tuple(f.name for f in dataclasses.fields(CellConfig) if f.name not in COMPONENT_KINDS)
+
+
+def flatten(config: CellConfig) -> dict[str, Any]:
+    """Dotted names -> values: ``normalizer.name``, ``normalizer.momentum``, ``optimizer.lr``, ``seed``."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, Component):
+            out[f"{f.name}.name"] = value.name
+            for k in sorted(value.options):
+                out[f"{f.name}.{k}"] = value.options[k]
+        elif dataclasses.is_dataclass(value):
+            for sub in dataclasses.fields(value):
+                out[f"{f.name}.{sub.name}"] = getattr(value, sub.name)
+        else:
+            out[f.name] = value
+    return out
+
+
+def cell_id(config: CellConfig) -> str:
+    """A stable id: the first 12 hex digits of the SHA-256 of the resolved config."""
+    text = json.dumps(flatten(config), sort_keys=True, default=repr, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def to_dict(config: CellConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def from_dict(data: dict[str, Any]) -> CellConfig:
+    """Inverse of :func:`to_dict` (for executors that ship configs as plain data)."""
+    kwargs = dict(data)
+    for kind in COMPONENT_KINDS:
+        kwargs[kind] = Component(**data[kind])
+    kwargs["optimizer"] = OptimizerConfig(**{**data["optimizer"], "betas": tuple(data["optimizer"]["betas"])})
+    kwargs["lr_schedule"] = ScheduleConfig(**data["lr_schedule"])
+    kwargs["neuron"] = NeuronConfig(**data["neuron"])
+    return CellConfig(**kwargs)

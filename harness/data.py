@@ -1,0 +1,47 @@
+"""What a data-set plugin returns, and how the runner turns samples into input sequences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset, Subset
+
+
+@dataclass
+class DatasetBundle:
+    """A data set as the runner needs it.
+
+    ``temporal=False``: a sample is one static image ``[C, H, W]``, fed unchanged at every step.
+    ``temporal=True``: a sample is a frame sequence ``[T, C, H, W]``, one frame per step.
+    """
+
+    train: Dataset
+    test: Dataset
+    in_channels: int
+    num_classes: int
+    input_size: tuple[int, int]
+    temporal: bool = False
+
+
+def train_subset(dataset: Dataset, size: int | None, seed: int = 0) -> Dataset:
+    """A fixed random subset of ``size`` samples (the same for every cell: ``seed`` is not the cell's)."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if size is None or size >= n:
+        return dataset
+    g = torch.Generator().manual_seed(seed)
+    return Subset(dataset, torch.randperm(n, generator=g)[:size].tolist())
+
+
+def to_sequence(x: Tensor, time_steps: int, temporal: bool) -> Tensor:
+    """A batch as the network's input sequence ``[T, B, ...]``.
+
+    Static images are repeated at every step (a view, no copy); frame data ``[B, T, ...]``
+    is moved to time-major order.
+    """
+    if temporal:
+        if x.shape[1] != time_steps:
+            raise ValueError(f"the data set gives {x.shape[1]} frames per sample but time_steps = {time_steps}")
+        return x.transpose(0, 1)
+    return x.unsqueeze(0).expand(time_steps, *x.shape)

@@ -1,0 +1,203 @@
+"""The plugin API of snn-harness: every hook specification, in one module.
+
+Plugins implement these with ``@harness.hookimpl`` and are found through the
+``snn_harness`` entry-point group (the built-in plugins are found the same way).
+
+Two families of hooks:
+
+* **Registration hooks** (``register_*``) are called once per plugin when the registry is
+  built. Each receives a :class:`~harness.registry.Registrar` bound to the calling plugin;
+  the plugin calls ``registry.add(name, factory)`` for each component it contributes. An
+  implementation is picked by the name written in the matrix file, never by hook order; two
+  plugins giving the same name is an error naming both.
+* **Lifecycle hooks** (``on_*``) are broadcasts to observers (MLflow tracking, the progress
+  display, the summary writer are all observers). They return nothing and must not change
+  what they are given.
+
+Pluggy lets an implementation accept fewer arguments than the specification, so arguments
+are only ever added to these hooks, never removed or renamed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from harness.registry import ObserverRegistrar, Registrar
+    from harness.runner import CellResult
+    from harness.session import MatrixRun
+    from harness.matrix import Cell
+
+PROJECT_NAME = "snn_harness"
+"""The pluggy project name and the entry-point group of the plugin API."""
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration: named factories
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def register_normalizers(registry: Registrar) -> None:
+    """Contribute normalizers: ``factory(num_features: int, **options) -> nn.Module``.
+
+    The module sits between a synapse and its neuron and follows the step protocol
+    (:class:`harness.snn.SequenceModule`): ``forward_step`` on ``[B, C, ...]`` and/or
+    ``forward_sequence`` on ``[T, B, C, ...]``. Its class attribute ``step_modes`` declares
+    which it supports (``{"single", "sequence"}``, or ``{"sequence"}`` for normalizers that
+    need all time steps at once, such as tdBN and TEBN).
+
+    :param registry: call ``registry.add(name, factory)`` once per normalizer.
+    """
+
+
+@hookspec
+def register_thresholds(registry: Registrar) -> None:
+    """Contribute threshold policies: ``factory(**options) -> ThresholdPolicy``.
+
+    A policy (:class:`harness.snn.ThresholdPolicy`) maps the membrane potential of one
+    layer at one step, after charging and before firing, to the threshold ``theta[t]``.
+
+    :param registry: call ``registry.add(name, factory)`` once per policy.
+    """
+
+
+@hookspec
+def register_trainers(registry: Registrar) -> None:
+    """Contribute trainers: ``factory(**options) -> Trainer`` (:class:`harness.trainer.Trainer`).
+
+    A trainer owns one batch: the forward schedule (whole sequence or one step at a time), the
+    loss and the backward/optimizer schedule. Its ``step_mode`` (``"sequence"`` or ``"single"``)
+    decides which normalizers and thresholds a matrix cell may combine it with.
+
+    :param registry: call ``registry.add(name, factory)`` once per trainer.
+    """
+
+
+@hookspec
+def register_losses(registry: Registrar) -> None:
+    """Contribute losses: ``factory(**options) -> SequenceLoss`` (:class:`harness.trainer.SequenceLoss`).
+
+    :param registry: call ``registry.add(name, factory)`` once per loss.
+    """
+
+
+@hookspec
+def register_models(registry: Registrar) -> None:
+    """Contribute models: ``factory(in_channels, num_classes, input_size, layers, **options)``.
+
+    ``layers`` is a :class:`harness.snn.LayerFactory`: ``layers.normalizer(C)`` and
+    ``layers.neuron()`` build the matrix cell's normalizer and LIF neuron (with its threshold
+    policy), so that any normalizer and threshold policy fit in any model. The factory returns a
+    :class:`harness.snn.SpikingNetwork`.
+
+    :param registry: call ``registry.add(name, factory)`` once per model.
+    """
+
+
+@hookspec
+def register_datasets(registry: Registrar) -> None:
+    """Contribute data sets: ``factory(**options) -> DatasetBundle`` (:class:`harness.data.DatasetBundle`).
+
+    A factory must not download anything unless an option explicitly asks for it, and must
+    fail with one clear error naming the expected files and how to get them.
+
+    :param registry: call ``registry.add(name, factory)`` once per data set.
+    """
+
+
+@hookspec
+def register_observers(observers: ObserverRegistrar) -> None:
+    """Add stateful observer objects for one harness invocation.
+
+    Observers implement the lifecycle hooks below. They are created afresh for every
+    invocation (no module-level state): ``observers.add(MyObserver(), "name")``.
+
+    :param observers: registers objects with this invocation's plugin manager.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Lifecycle: matrix
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def on_matrix_start(run: MatrixRun) -> None:
+    """A matrix is about to run; called in the parent process before any cell starts.
+
+    :param run: the matrix, its runnable and skipped cells, results directory and tracking settings.
+    """
+
+
+@hookspec
+def on_matrix_end(run: MatrixRun, results: list[CellResult]) -> None:
+    """A matrix has ended (all cells ran, or it was interrupted: see ``run.interrupted``).
+
+    :param run: the matrix run.
+    :param results: one result per cell that started, in order.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Lifecycle: cell
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def on_cell_start(cell: Cell, info: dict[str, Any]) -> None:
+    """A cell starts training.
+
+    :param cell: the cell (its ``config`` is the fully resolved configuration).
+    :param info: facts known once the cell is built: ``device``, ``num_parameters``,
+        ``train_size``, ``test_size``.
+    """
+
+
+@hookspec
+def on_cell_end(cell: Cell, result: CellResult) -> None:
+    """A cell ended: ``result.status`` is ``"finished"``, ``"failed"`` or ``"killed"``.
+
+    :param cell: the cell.
+    :param result: final metrics, status, and the error text of a failed cell.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# Lifecycle: epoch and batch
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def on_epoch_start(cell: Cell, epoch: int, num_train_batches: int, num_test_batches: int) -> None:
+    """An epoch starts (``epoch`` counts from 1).
+
+    :param cell: the cell.
+    :param epoch: the epoch number, from 1.
+    :param num_train_batches: batches in this epoch's training pass.
+    :param num_test_batches: batches in this epoch's evaluation pass.
+    """
+
+
+@hookspec
+def on_batch_end(cell: Cell, phase: str, batch: int, num_batches: int) -> None:
+    """A batch of ``phase`` (``"train"`` or ``"test"``) ended; ``batch`` counts from 1.
+
+    Called in the hot loop: implementations must be cheap and never synchronize a device.
+    """
+
+
+@hookspec
+def on_epoch_end(cell: Cell, epoch: int, metrics: dict[str, float]) -> None:
+    """An epoch ended, with its metrics (``train_loss``, ``train_top1``, ``test_loss``,
+    ``test_top1``, ``epoch_time_s``, ``lr``, and whatever plugins add).
+
+    :param cell: the cell.
+    :param epoch: the epoch number, from 1.
+    :param metrics: metric name to value.
+    """

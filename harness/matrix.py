@@ -1,0 +1,426 @@
+"""Read a matrix TOML file, validate it, and expand it into cells. Pure: no torch import.
+
+Schema (every key is checked; errors name the file, the section, the key and what was expected)::
+
+    name = "fmnist"                 # optional; defaults to the file name without .toml
+    description = "..."             # optional
+
+    [defaults]                      # one value per CellConfig field (see harness.config)
+    dataset = "fashion_mnist"
+    model = "vgg_small"
+    normalizer = "vanilla_bn"
+    trainer = "bptt"
+    epochs = 3
+    batch_size = 64
+    time_steps = 4
+    [defaults.optimizer]            # name, lr, momentum, weight_decay, nesterov, betas
+    [defaults.lr_schedule]          # name = "cosine" | "constant" | "step", ...
+    [defaults.neuron]               # tau, reset, surrogate_alpha, detach_reset
+
+    [matrix]                        # axes: any default (dotted for nested) or a plugin option
+    normalizer = ["vanilla_bn", "osr"]
+    seed = [0, 1, 2]
+    "optimizer.lr" = [0.1, 0.05]
+    "options.normalizer.osr.momentum" = [0.1, 0.2]
+
+    [[exclude]]                     # drop every cell matching all keys (a list matches any of its values)
+    normalizer = "osr"
+    seed = 2
+
+    [options.normalizer.osr]        # options of one plugin, checked against its factory's signature
+    momentum = 0.1
+
+    [tracking]
+    uri = "http://127.0.0.1:5000"   # default: sqlite:///<results>/mlflow.db (or $MLFLOW_TRACKING_URI)
+    experiment = "snn-harness"
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import tomllib
+import typing
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from harness import validate
+from harness.config import (
+    COMPONENT_KINDS,
+    CellConfig,
+    Component,
+    cell_id,
+    flatten,
+)
+from harness.errors import ConfigError, IncompatibleCellError, UnknownNameError, close_matches
+
+TOP_KEYS = ("name", "description", "defaults", "matrix", "exclude", "options", "tracking")
+NESTED = {f.name: f.type for f in dataclasses.fields(CellConfig) if f.name in ("optimizer", "lr_schedule", "neuron")}
+_HINTS = typing.get_type_hints(CellConfig)
+_DEFAULT_COMPONENTS = {"threshold": "fixed", "loss": "tet"}
+_POSITIVE = ("epochs", "batch_size", "time_steps", "train_subset", "eval_batch_size")
+_MODE_WORDS = {"single": "one step at a time", "sequence": "on the whole sequence"}
+
+
+class Catalog(Protocol):
+    """What the matrix needs to know of the plugins (``harness.registry.Registry`` is one)."""
+
+    def info(self, kind: str, name: str) -> Any: ...
+
+    def names(self, kind: str) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str | None = None
+    experiment: str = "snn-harness"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One point of the matrix: a resolved config, its id, and why it is skipped (if it is)."""
+
+    id: str
+    index: int
+    config: CellConfig
+    axes: dict[str, Any]  # the axis values that made this cell
+    skip_reason: str | None = None
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.axes.items()) or "default"
+
+
+@dataclass(frozen=True)
+class Matrix:
+    name: str
+    path: str
+    description: str
+    axes: dict[str, list[Any]]
+    cells: list[Cell]  # runnable, after excludes and filters
+    skipped: list[Cell]  # impossible combinations, each with its reason
+    excluded: int  # cells dropped by [[exclude]]
+    filtered_out: int  # cells dropped by --only
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: matrix file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+
+
+def load_matrix(path: str | Path, catalog: Catalog, only: Sequence[str] = ()) -> Matrix:
+    """Read, validate and expand the matrix file at ``path``.
+
+    :param only: ``key=value`` filters (``--only``); the same key given twice matches either value.
+    :raises ConfigError: bad file, key, type, option or plugin name (nothing has trained yet).
+    :raises IncompatibleCellError: every selected cell is impossible.
+    """
+    data = read_toml(path)
+    return expand(data, catalog, source=str(path), only=only)
+
+
+def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequence[str] = ()) -> Matrix:
+    _check_keys(data, TOP_KEYS, f"{source}", "top level")
+    name = data.get("name", Path(source).stem)
+    if not isinstance(name, str) or not name or any(c in name for c in "/\\"):
+        raise ConfigError(f"{source}: key 'name' must be a non-empty string without slashes, got {name!r}")
+    defaults = data.get("defaults")
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{source}: missing table [defaults] (dataset, model, normalizer, trainer, epochs, ...)")
+    _check_keys(defaults, [f.name for f in dataclasses.fields(CellConfig)], source, "[defaults]")
+
+    axes = _read_axes(data.get("matrix", {}), source)
+    excludes = _read_excludes(data.get("exclude", []), source)
+    options = _read_options(data.get("options", {}), catalog, source)
+    filters = _parse_only(only)
+    tracking = validate.build_dataclass(TrackingConfig, data.get("tracking", {}), f"{source} [tracking]")
+
+    cells: list[Cell] = []
+    skipped: list[Cell] = []
+    seen: dict[str, Cell] = {}
+    excluded = filtered = 0
+    for index, combo in enumerate(itertools.product(*axes.values()) if axes else [()]):
+        overrides = dict(zip(axes, combo))
+        raw, raw_options = copy.deepcopy(defaults), copy.deepcopy(options)
+        for key, value in overrides.items():
+            if key.startswith("options."):
+                _, kind, plugin, opt = key.split(".", 3)
+                raw_options.setdefault(kind, {}).setdefault(plugin, {})[opt] = value
+            elif "." in key:
+                head, sub = key.split(".", 1)
+                raw.setdefault(head, {})[sub] = value
+            else:
+                raw[key] = value
+        config = _resolve(raw, raw_options, catalog, source, set(axes))
+        flat = flatten(config)
+        if any(all(_matches(flat, k, v) for k, v in rule.items()) for rule in excludes):
+            excluded += 1
+            continue
+        if not all(any(_matches(flat, k, v) for v in values) for k, values in filters.items()):
+            filtered += 1
+            continue
+        cid = cell_id(config)
+        reason = _incompatibility(config, catalog)
+        if cid in seen:
+            reason = f"same resolved configuration as cell [{seen[cid].label}]"
+        cell = Cell(id=cid, index=index, config=config, axes=overrides, skip_reason=reason)
+        seen.setdefault(cid, cell)
+        (skipped if reason else cells).append(cell)
+
+    matrix = Matrix(
+        name=name,
+        path=source,
+        description=str(data.get("description", "")),
+        axes=axes,
+        cells=cells,
+        skipped=skipped,
+        excluded=excluded,
+        filtered_out=filtered,
+        tracking=tracking,
+    )
+    if not cells and skipped:
+        reasons = "\n".join(f"  - [{c.label}]: {c.skip_reason}" for c in skipped)
+        raise IncompatibleCellError(f"{source}: every selected cell is impossible:\n{reasons}")
+    return matrix
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_keys(table: Any, allowed: Iterable[str], source: str, section: str) -> None:
+    allowed = list(allowed)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: {section} must be a table, got {table!r}")
+    for key in table:
+        if key not in allowed:
+            hint = close_matches(key, allowed)
+            raise ConfigError(
+                f"{source}: unknown key {key!r} in {section}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + f"; expected one of: {', '.join(allowed)}"
+            )
+
+
+def _axis_path_ok(path: str) -> bool:
+    parts = path.split(".")
+    if len(parts) == 1:
+        return parts[0] in {f.name for f in dataclasses.fields(CellConfig)}
+    if parts[0] == "options":
+        return len(parts) == 4 and parts[1] in COMPONENT_KINDS
+    if len(parts) == 2 and parts[0] in NESTED:
+        return parts[1] in {f.name for f in dataclasses.fields(_HINTS[parts[0]])}
+    return False
+
+
+def _axis_paths_hint() -> str:
+    nested = [f"{n}.{f.name}" for n in NESTED for f in dataclasses.fields(_HINTS[n])]
+    top = [f.name for f in dataclasses.fields(CellConfig)]
+    return ", ".join(top + nested) + ", options.<kind>.<plugin>.<option>"
+
+
+def _read_axes(table: Any, source: str) -> dict[str, list[Any]]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [matrix] must be a table of axes, got {table!r}")
+    axes: dict[str, list[Any]] = {}
+    for key, values in table.items():
+        if isinstance(values, dict):  # [matrix.optimizer] lr = [...]  -> "optimizer.lr"
+            for sub, v in values.items():
+                axes.update(_read_axes({f"{key}.{sub}": v}, source))
+            continue
+        if not _axis_path_ok(key):
+            hint = close_matches(key, _axis_paths_hint().split(", "))
+            raise ConfigError(
+                f"{source}: unknown axis {key!r} in [matrix]"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + f"; an axis is one of: {_axis_paths_hint()}"
+            )
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{source}: [matrix] axis {key!r} must be a non-empty list of values, got {values!r}")
+        if len(set(map(repr, values))) != len(values):
+            raise ConfigError(f"{source}: [matrix] axis {key!r} repeats a value: {values!r}")
+        axes[key] = values
+    return axes
+
+
+def _read_excludes(rules: Any, source: str) -> list[dict[str, list[Any]]]:
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise ConfigError(f"{source}: [[exclude]] must be an array of tables, got {rules!r}")
+    out = []
+    for i, rule in enumerate(rules, 1):
+        if not rule:
+            raise ConfigError(f"{source}: [[exclude]] number {i} is empty (it would exclude every cell)")
+        for key in rule:
+            if not _axis_path_ok(key) and key.split(".")[0] not in COMPONENT_KINDS:
+                raise ConfigError(
+                    f"{source}: unknown key {key!r} in [[exclude]] number {i}; a key is one of: {_axis_paths_hint()}"
+                )
+        out.append({k: v if isinstance(v, list) else [v] for k, v in rule.items()})
+    return out
+
+
+def _read_options(table: Any, catalog: Catalog, source: str) -> dict[str, dict[str, dict[str, Any]]]:
+    _check_keys(table, COMPONENT_KINDS, source, "[options] (plugin kinds)")
+    for kind, plugins in table.items():
+        if not isinstance(plugins, dict):
+            raise ConfigError(f"{source}: [options.{kind}] must hold one table per {kind} name")
+        for plugin, opts in plugins.items():
+            section = f"[options.{kind}.{plugin}]"
+            try:
+                info = catalog.info(kind, plugin)
+            except UnknownNameError as exc:
+                raise ConfigError(f"{source}: {section}: {exc}") from None
+            if not isinstance(opts, dict):
+                raise ConfigError(f"{source}: {section} must be a table of options, got {opts!r}")
+            for key, value in opts.items():
+                _check_option(info, key, value, f"{source} {section}")
+    return table
+
+
+def _check_option(info: Any, key: str, value: Any, where: str) -> Any:
+    opt = info.options.get(key)
+    if opt is None:
+        if info.accepts_any_option:
+            return value
+        known = ", ".join(o.describe() for o in info.options.values()) or "(it takes no options)"
+        hint = close_matches(key, info.options)
+        raise ConfigError(
+            f"{where}: unknown option {key!r} of {info.kind} {info.name!r}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f"; its options: {known}"
+        )
+    try:
+        return validate.check(value, opt.annotation)
+    except TypeError as exc:
+        raise ConfigError(f"{where}: option {key!r} of {info.kind} {info.name!r}: {exc}") from None
+
+
+def _resolve(
+    raw: dict[str, Any], options: dict[str, Any], catalog: Catalog, source: str, axes: set[str]
+) -> CellConfig:
+    def where(key: str) -> str:
+        from_axis = any(a == key or a.startswith(key + ".") for a in axes)
+        return f"{source} [{'matrix' if from_axis else 'defaults'}]"
+
+    kwargs: dict[str, Any] = {}
+    for kind in COMPONENT_KINDS:
+        name = raw.get(kind, _DEFAULT_COMPONENTS.get(kind))
+        if name is None:
+            raise ConfigError(f"{where(kind)}: missing required key {kind!r} (the name of a {kind} plugin)")
+        if not isinstance(name, str):
+            raise ConfigError(f"{where(kind)}: key {kind!r} must be the name of a {kind} plugin, got {name!r}")
+        try:
+            info = catalog.info(kind, name)
+        except UnknownNameError as exc:
+            raise ConfigError(f"{where(kind)}: key {kind!r}: {exc}") from None
+        user = options.get(kind, {}).get(name, {})
+        resolved = info.defaults()
+        for key, value in user.items():
+            from_axis = f"options.{kind}.{name}.{key}" in axes
+            resolved[key] = _check_option(
+                info, key, value, f"{source} [{'matrix' if from_axis else f'options.{kind}.{name}'}]"
+            )
+        missing = [o.name for o in info.options.values() if o.required and o.name not in resolved]
+        if missing:
+            raise ConfigError(
+                f"{source}: {kind} {name!r} needs option(s) {', '.join(map(repr, missing))}: "
+                f"set them in [options.{kind}.{name}]"
+            )
+        kwargs[kind] = Component(name, resolved)
+
+    for key, value in raw.items():
+        if key in COMPONENT_KINDS:
+            continue
+        hint = _HINTS[key]
+        if key in NESTED:
+            kwargs[key] = validate.build_dataclass(hint, value, where(key), prefix=f"{key}.")
+            continue
+        try:
+            kwargs[key] = validate.check(value, hint)
+        except TypeError as exc:
+            raise ConfigError(f"{where(key)}: key {key!r}: {exc}") from None
+        if key in _POSITIVE and kwargs[key] is not None and kwargs[key] < 1:
+            raise ConfigError(f"{where(key)}: key {key!r} must be at least 1, got {kwargs[key]!r}")
+    for f in dataclasses.fields(CellConfig):
+        if f.name not in kwargs and f.default is dataclasses.MISSING:
+            raise ConfigError(f"{source} [defaults]: missing required key {f.name!r} ({validate.describe(_HINTS[f.name])})")
+    return CellConfig(**kwargs)
+
+
+def _incompatibility(config: CellConfig, catalog: Catalog) -> str | None:
+    infos = {kind: catalog.info(kind, getattr(config, kind).name) for kind in ("trainer", "normalizer", "threshold", "model")}
+    modes = set(infos["trainer"].step_modes)
+    for kind in ("normalizer", "threshold", "model"):
+        info = infos[kind]
+        if not modes & set(info.step_modes):
+            need = " or ".join(_MODE_WORDS[m] for m in sorted(info.step_modes))
+            runs = " or ".join(_MODE_WORDS[m] for m in sorted(infos["trainer"].step_modes))
+            return f"{kind} {info.name!r} runs only {need}, but trainer {infos['trainer'].name!r} runs {runs}"
+        modes &= set(info.step_modes)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Filters
+# ---------------------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def lookup(flat: dict[str, Any], path: str) -> Any:
+    """The value at ``path`` (an axis path or a flattened name) in a flattened config."""
+    if path in COMPONENT_KINDS:
+        return flat[f"{path}.name"]
+    if path.startswith("options."):
+        _, kind, plugin, opt = (path.split(".", 3) + ["", "", ""])[:4]
+        if flat.get(f"{kind}.name") != plugin:
+            return _MISSING
+        return flat.get(f"{kind}.{opt}", _MISSING)
+    return flat.get(path, _MISSING)
+
+
+def _matches(flat: dict[str, Any], path: str, wanted: Any) -> bool:
+    value = lookup(flat, path)
+    if value is _MISSING:
+        return False
+    values = wanted if isinstance(wanted, list) else [wanted]
+    return any(_same(value, w) for w in values)
+
+
+def _same(value: Any, wanted: Any) -> bool:
+    if isinstance(wanted, str) and not isinstance(value, str):  # --only gives strings
+        if isinstance(value, bool):
+            return wanted.lower() == str(value).lower()
+        try:
+            return type(value)(wanted) == value if value is not None else wanted.lower() in ("none", "")
+        except (TypeError, ValueError):
+            return False
+    if isinstance(value, bool) or isinstance(wanted, bool):
+        return value is wanted
+    if isinstance(value, tuple):
+        value = list(value)
+    return value == wanted
+
+
+def _parse_only(only: Sequence[str]) -> dict[str, list[str]]:
+    filters: dict[str, list[str]] = {}
+    for item in only:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--only {item!r}: expected key=value, e.g. --only normalizer=vanilla_bn")
+        if not _axis_path_ok(key) and key.split(".")[0] not in COMPONENT_KINDS:
+            raise ConfigError(f"--only {item!r}: unknown key {key!r}; a key is one of: {_axis_paths_hint()}")
+        filters.setdefault(key, []).append(value.strip())
+    return filters

@@ -1,0 +1,195 @@
+"""One cell: seed, build data + model + optimizer from the registry, train epoch by epoch,
+fire lifecycle hooks. Never imports a tracking backend: observers listen to the hooks."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from harness.config import CellConfig, OptimizerConfig, ScheduleConfig
+from harness.data import DatasetBundle, to_sequence, train_subset
+from harness.errors import HarnessError
+from harness.matrix import Cell
+from harness.registry import Registry
+from harness.snn import LayerFactory, LIFNeuron
+
+
+class DivergedError(HarnessError):
+    """The loss or a parameter became non-finite."""
+
+
+@dataclass
+class CellResult:
+    cell_id: str
+    label: str
+    status: str  # "finished" | "failed" | "killed"
+    metrics: dict[str, float] = field(default_factory=dict)  # final epoch's metrics + best_test_top1
+    epochs_completed: int = 0
+    duration_s: float = 0.0
+    error: str | None = None  # traceback text of a failed cell
+    error_type: str | None = None
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return the generator that orders the training data."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise HarnessError(f"device {name!r} requested but CUDA is not available; use device = \"auto\" or \"cpu\"")
+    return device
+
+
+def build_model(config: CellConfig, registry: Registry, data: DatasetBundle) -> nn.Module:
+    norm = config.normalizer
+    policy = config.threshold
+    neuron_cfg = config.neuron
+    layers = LayerFactory(
+        normalizer=lambda c: registry.normalizers[norm.name](num_features=c, **norm.options),
+        neuron=lambda: LIFNeuron(
+            registry.thresholds[policy.name](**policy.options),
+            tau=neuron_cfg.tau,
+            reset=neuron_cfg.reset,
+            surrogate_alpha=neuron_cfg.surrogate_alpha,
+            detach_reset=neuron_cfg.detach_reset,
+        ),
+    )
+    return registry.models[config.model.name](
+        in_channels=data.in_channels,
+        num_classes=data.num_classes,
+        input_size=data.input_size,
+        layers=layers,
+        **config.model.options,
+    )
+
+
+def build_optimizer(params: Any, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    raise HarnessError(f"unknown optimizer {cfg.name!r}; known optimizers: adam, adamw, sgd")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int) -> Any:
+    """Stepped once per epoch."""
+    if cfg.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=cfg.min_lr)
+    if cfg.name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.name == "constant":
+        return None
+    raise HarnessError(f"unknown lr schedule {cfg.name!r}; known: constant, cosine, step")
+
+
+def run_cell(cell: Cell, registry: Registry, hook: Any) -> CellResult:
+    """Train and evaluate one cell. Exceptions become a failed result (the matrix goes on);
+    ``KeyboardInterrupt`` marks the cell killed and propagates."""
+    start = time.perf_counter()
+    result = CellResult(cell.id, cell.label, "failed")
+    try:
+        _train(cell, registry, hook, result)
+        result.status = "finished"
+    except KeyboardInterrupt:
+        result.status = "killed"
+        result.duration_s = time.perf_counter() - start
+        hook.on_cell_end(cell=cell, result=result)
+        raise
+    except Exception as exc:  # isolation: one bad cell never takes down the matrix
+        result.status = "failed"
+        result.error = traceback.format_exc()
+        result.error_type = type(exc).__name__
+    result.duration_s = time.perf_counter() - start
+    hook.on_cell_end(cell=cell, result=result)
+    return result
+
+
+def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult) -> None:
+    cfg = cell.config
+    generator = seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    data = registry.datasets[cfg.dataset.name](**cfg.dataset.options)
+    train_set = train_subset(data.train, cfg.train_subset)
+    pin = device.type == "cuda"
+    train_loader = DataLoader(
+        train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator, num_workers=cfg.num_workers, pin_memory=pin
+    )
+    test_loader = DataLoader(data.test, batch_size=cfg.eval_batch_size or cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin)
+
+    model = build_model(cfg, registry, data).to(device)
+    trainer = registry.trainers[cfg.trainer.name](**cfg.trainer.options)
+    loss_fn = registry.losses[cfg.loss.name](**cfg.loss.options)
+    optimizer = build_optimizer(model.parameters(), cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.lr_schedule, cfg.epochs)
+
+    hook.on_cell_start(
+        cell=cell,
+        info={
+            "device": str(device),
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "train_size": len(train_set),
+            "test_size": len(data.test),
+        },
+    )
+    best = -math.inf
+    for epoch in range(1, cfg.epochs + 1):
+        hook.on_epoch_start(cell=cell, epoch=epoch, num_train_batches=len(train_loader), num_test_batches=len(test_loader))
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train = _run_epoch(cell, "train", train_loader, device, data.temporal, hook,
+                           lambda x, y: trainer.train_batch(model, x, y, loss_fn, optimizer))
+        if not math.isfinite(train["loss"]):
+            raise DivergedError(f"diverged at epoch {epoch}: training loss is {train['loss']}")
+        test = _run_epoch(cell, "test", test_loader, device, data.temporal, hook,
+                          lambda x, y: trainer.eval_batch(model, x, y, loss_fn))
+        if scheduler is not None:
+            scheduler.step()
+        best = max(best, test["top1"])
+        metrics = {
+            "train_loss": train["loss"],
+            "train_top1": train["top1"],
+            "test_loss": test["loss"],
+            "test_top1": test["top1"],
+            "best_test_top1": best,
+            "epoch_time_s": time.perf_counter() - t0,
+            "lr": lr,
+        }
+        result.metrics = metrics
+        result.epochs_completed = epoch
+        hook.on_epoch_end(cell=cell, epoch=epoch, metrics=dict(metrics))
+
+
+def _run_epoch(cell: Cell, phase: str, loader: DataLoader, device: torch.device, temporal: bool, hook: Any, step: Any) -> dict[str, float]:
+    T = cell.config.time_steps
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    count = 0
+    n = len(loader)
+    for i, (x, y) in enumerate(loader, 1):
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        out = step(to_sequence(x, T, temporal), y)
+        loss_sum += out.loss.double() * out.count
+        correct += out.correct
+        count += out.count
+        hook.on_batch_end(cell=cell, phase=phase, batch=i, num_batches=n)
+    count = max(count, 1)
+    return {"loss": loss_sum.item() / count, "top1": correct.item() / count}

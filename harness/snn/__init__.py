@@ -1,0 +1,35 @@
+"""Spiking building blocks and the step protocol (see ``docs/plugins.md``)."""
+
+from harness.snn.neuron import LayerFactory, LIFNeuron, SigmoidSurrogateSpike, ThresholdPolicy, spike
+from harness.snn.protocol import (
+    STEP_MODES,
+    SequenceAware,
+    SequenceModule,
+    SpikingSequential,
+    TimeDistributed,
+    begin_sequence,
+    end_sequence,
+    run_sequence,
+    sequence_modules,
+    set_step_mode,
+    step_modes_of,
+)
+
+__all__ = [
+    "STEP_MODES",
+    "LIFNeuron",
+    "LayerFactory",
+    "SequenceAware",
+    "SequenceModule",
+    "SigmoidSurrogateSpike",
+    "SpikingSequential",
+    "ThresholdPolicy",
+    "TimeDistributed",
+    "begin_sequence",
+    "end_sequence",
+    "run_sequence",
+    "sequence_modules",
+    "set_step_mode",
+    "spike",
+    "step_modes_of",
+]

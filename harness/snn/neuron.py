@@ -1,0 +1,112 @@
+"""LIF neuron (paper Eqs. 2-4, METHOD.md section 1) and the threshold-policy interface."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from harness.snn.protocol import SequenceAware, SequenceModule
+
+
+class SigmoidSurrogateSpike(torch.autograd.Function):
+    """Heaviside forward; backward ``alpha * sig(alpha x) * (1 - sig(alpha x))`` (official code, alpha = 4)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.alpha = alpha
+        return (x >= 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        sg = torch.sigmoid(ctx.alpha * x)
+        return grad * ctx.alpha * sg * (1.0 - sg), None
+
+
+def spike(x: Tensor, alpha: float = 4.0) -> Tensor:
+    """``Heaviside(x)`` with the sigmoid surrogate gradient."""
+    return SigmoidSurrogateSpike.apply(x, alpha)
+
+
+class ThresholdPolicy(SequenceAware, nn.Module):
+    """Gives the firing threshold of one layer at one step.
+
+    ``forward(u, t)`` receives the membrane potential ``u[t]`` after charging and before firing
+    (``t`` counts from 0) and returns ``theta[t]``: a float, a scalar tensor, or a tensor that
+    broadcasts against ``u``. Per-sequence state is reset in :meth:`begin_sequence`.
+    """
+
+    def forward(self, u: Tensor, t: int) -> Tensor | float:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class LIFNeuron(SequenceModule):
+    """Leaky integrate-and-fire neuron.
+
+    Charge (Eq. 2): ``u[t] = (1 - 1/tau) * u[t-1/2] + I[t]``, with ``u[1/2] = 0``;
+    fire (Eq. 3): ``s[t] = Heaviside(u[t] - theta[t])`` with the sigmoid surrogate;
+    reset: ``"hard"`` is Eq. 4, ``u[t+1/2] = u[t] * (1 - s[t])``; ``"soft"`` (the official
+    code's default) is ``u[t+1/2] = u[t] - s[t] * theta[t]``. With ``detach_reset`` the spike in
+    the reset term carries no gradient. ``detach_membrane`` cuts the gradient path through
+    ``u[t-1/2]`` (online training, Eq. 6).
+    """
+
+    def __init__(
+        self,
+        threshold: ThresholdPolicy,
+        tau: float = 2.0,
+        reset: Literal["soft", "hard"] = "soft",
+        surrogate_alpha: float = 4.0,
+        detach_reset: bool = True,
+        detach_membrane: bool = False,
+    ) -> None:
+        super().__init__()
+        if tau < 1.0:
+            raise ValueError(f"tau must be >= 1 (decay = 1 - 1/tau), got {tau}")
+        if reset not in ("soft", "hard"):
+            raise ValueError(f"reset must be 'soft' or 'hard', got {reset!r}")
+        self.threshold = threshold
+        self.decay = 1.0 - 1.0 / tau
+        self.tau, self.reset, self.surrogate_alpha = tau, reset, surrogate_alpha
+        self.detach_reset, self.detach_membrane = detach_reset, detach_membrane
+        self.step_modes = threshold.step_modes  # a neuron runs where its policy can
+        self.v: Tensor | None = None  # u[t - 1/2]
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, reset={self.reset!r}, surrogate_alpha={self.surrogate_alpha}"
+
+    def begin_sequence(self, time_steps: int) -> None:
+        self.v = None
+
+    def end_sequence(self) -> None:
+        self.v = None  # drop the last step's graph
+
+    def forward_step(self, x: Tensor) -> Tensor:
+        v = self.v
+        if v is None:
+            u = x  # u[1/2] = 0
+        else:
+            if self.detach_membrane:
+                v = v.detach()
+            u = self.decay * v + x  # Eq. 2
+        theta = self.threshold(u, self.t)
+        s = spike(u - theta, self.surrogate_alpha)  # Eq. 3
+        s_reset = s.detach() if self.detach_reset else s
+        if self.reset == "soft":
+            self.v = u - s_reset * theta
+        else:
+            self.v = u * (1.0 - s_reset)  # Eq. 4
+        return s
+
+
+@dataclass(frozen=True)
+class LayerFactory:
+    """Builds the cell's normalizer and neuron inside a model: ``layers.normalizer(C)``, ``layers.neuron()``."""
+
+    normalizer: Callable[[int], nn.Module]
+    neuron: Callable[[], nn.Module]

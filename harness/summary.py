@@ -1,0 +1,116 @@
+"""``summary.csv`` and ``summary.md``: one row per cell with its final metrics. No torch, no MLflow."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+LEAD = ["cell_id", "label", "status"]
+METRICS = ["test_top1", "best_test_top1", "train_top1", "train_loss", "test_loss", "epochs", "duration_s"]
+TRAIL = ["error_type"]
+PERCENT = {"test_top1", "best_test_top1", "train_top1"}
+
+
+def row_for(cell_id: str, label: str, status: str, axes: dict[str, Any], metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {"cell_id": cell_id, "label": label, "status": status}
+    row.update({k: _plain(v) for k, v in axes.items()})
+    row.update({k: metrics.get(k, "") for k in METRICS if k in metrics})
+    row.update(extra)
+    return row
+
+
+def columns(rows: Iterable[dict[str, Any]]) -> list[str]:
+    seen: list[str] = []
+    for row in rows:
+        for k in row:
+            if k not in seen:
+                seen.append(k)
+    middle = [k for k in seen if k not in LEAD + METRICS + TRAIL]
+    return LEAD + middle + [k for k in METRICS + TRAIL if k in seen]
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def merge(existing: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows by cell id, in first-seen order. A newer row replaces an older one of the same cell,
+    except that a failed or killed row never replaces a finished one."""
+    merged: dict[str, dict[str, Any]] = {r["cell_id"]: dict(r) for r in existing}
+    for row in new:
+        old = merged.get(row["cell_id"])
+        if old is not None and old.get("status") == "finished" and row.get("status") != "finished":
+            continue
+        merged[row["cell_id"]] = dict(row)
+    return list(merged.values())
+
+
+def write_summary(out_dir: Path, rows: Sequence[dict[str, Any]], *, merge_existing: bool = True, title: str = "") -> list[dict[str, Any]]:
+    """Write ``summary.csv`` and ``summary.md`` under ``out_dir`` (atomically); returns the rows written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = out_dir / "summary.csv"
+    if merge_existing:
+        rows = merge(read_rows(csv_path), rows)
+    cols = columns(rows)
+    tmp = csv_path.with_name(".summary.csv.tmp")
+    with tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in cols})
+    os.replace(tmp, csv_path)
+    md = out_dir / "summary.md"
+    tmp = md.with_name(".summary.md.tmp")
+    tmp.write_text((f"# {title}\n\n" if title else "") + markdown_table(rows) + "\n")
+    os.replace(tmp, md)
+    return list(rows)
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    cols = [c for c in columns(rows) if c not in ("label",)]
+    header = [_title(c) for c in cols]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(format_value(c, row.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def format_value(column: str, value: Any) -> str:
+    if value in ("", None):
+        return ""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    if column in PERCENT:
+        return f"{100 * number:.2f}%"
+    if column == "epochs":
+        return str(int(number))
+    if column.endswith("_s"):
+        return f"{number:.1f}"
+    if column.endswith("loss"):
+        return f"{number:.4f}"
+    return str(value)
+
+
+def _title(column: str) -> str:
+    return {
+        "cell_id": "cell",
+        "test_top1": "test top-1",
+        "best_test_top1": "best test top-1",
+        "train_top1": "train top-1",
+        "train_loss": "train loss",
+        "test_loss": "test loss",
+        "duration_s": "time (s)",
+        "error_type": "error",
+    }.get(column, column)
+
+
+def _plain(value: Any) -> Any:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value

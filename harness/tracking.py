@@ -1,0 +1,103 @@
+"""MLflow store helpers shared by the MLflow observer plugin and the ``report``/``ui`` commands.
+
+The training loop never imports this module: tracking happens in an observer plugin.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.errors import HarnessError
+
+TAG_KIND = "harness.kind"  # "matrix" (parent run) or "cell" (child run)
+TAG_MATRIX = "harness.matrix"
+TAG_MATRIX_FILE = "harness.matrix_file"
+TAG_CELL_ID = "harness.cell_id"
+TAG_CELL_LABEL = "harness.cell_label"
+TAG_STATUS = "harness.status"
+TAG_ERROR_TYPE = "harness.error_type"
+TAG_AXES = "harness.axes"  # comma-separated axis names of the matrix
+
+
+def client(uri: str) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(mlflow_client: Any, name: str, artifact_root: Path | None) -> str:
+    """The id of experiment ``name``, created (with artifacts under ``artifact_root``) if missing.
+
+    Called once in the parent process: a fresh SQLite store must not be created concurrently.
+    """
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            raise HarnessError(f"MLflow experiment {name!r} is deleted; restore it or set [tracking] experiment")
+        return exp.experiment_id
+    location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+    return mlflow_client.create_experiment(name, artifact_location=location)
+
+
+def cell_runs(mlflow_client: Any, experiment: str, matrix_name: str) -> list[Any]:
+    exp = mlflow_client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return mlflow_client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"tags.`{TAG_MATRIX}` = '{matrix_name}' and tags.`{TAG_KIND}` = 'cell'",
+        order_by=["attributes.start_time ASC"],
+        max_results=50000,
+    )
+
+
+def report_rows(uri: str, experiment: str, matrix_name: str) -> list[dict[str, Any]]:
+    """Summary rows for a matrix from MLflow: the latest run of each cell (a finished run wins
+    over a later failed one)."""
+    from harness.summary import merge, row_for
+
+    rows = []
+    for run in cell_runs(client(uri), experiment, matrix_name):
+        tags, data = run.data.tags, run.data
+        axes_names = [a for a in tags.get(TAG_AXES, "").split(",") if a]
+        axes = {a: data.params.get(_param_for_axis(a), "") for a in axes_names}
+        metrics = dict(data.metrics)
+        if "epochs_completed" in metrics:
+            metrics["epochs"] = metrics["epochs_completed"]
+        rows.append(
+            row_for(
+                tags.get(TAG_CELL_ID, run.info.run_id),
+                tags.get(TAG_CELL_LABEL, run.info.run_name or ""),
+                tags.get(TAG_STATUS, run.info.status.lower()),
+                axes,
+                metrics,
+                error_type=tags.get(TAG_ERROR_TYPE, ""),
+                run_id=run.info.run_id,
+            )
+        )
+    return merge([], rows)
+
+
+def _param_for_axis(axis: str) -> str:
+    from harness.config import COMPONENT_KINDS
+
+    if axis in COMPONENT_KINDS:
+        return f"{axis}.name"
+    if axis.startswith("options."):
+        _, kind, _plugin, opt = axis.split(".", 3)
+        return f"{kind}.{opt}"
+    return axis
+
+
+def launch_ui(uri: str, host: str, port: int) -> subprocess.Popen:
+    """Start ``mlflow ui`` on the store at ``uri``; returns the process (the caller waits on it)."""
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    proc = subprocess.Popen(cmd)
+    time.sleep(0.5)
+    if proc.poll() is not None:
+        raise HarnessError(f"mlflow ui exited at once with code {proc.returncode}: {' '.join(cmd)}")
+    return proc

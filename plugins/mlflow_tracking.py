@@ -1,0 +1,134 @@
+"""MLflow tracking, as an observer on the lifecycle hooks.
+
+One parent run per ``harness run`` (tag ``harness.kind = matrix``) and one child run per cell
+(``mlflow.parentRunId``): params are every resolved config value under its dotted name, metrics
+are logged per epoch in one batch, tags carry the matrix, the cell id and the status.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from harness import hookimpl, tracking
+from harness.config import flatten
+
+MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
+STATUS_MLFLOW = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+
+
+def _param_value(value: Any) -> str:
+    return str(value)[:6000]
+
+
+class MlflowTracker:
+    """Logs a matrix to MLflow. One instance per invocation (created in ``register_observers``)."""
+
+    def __init__(self) -> None:
+        self.client: Any = None
+        self.experiment_id: str | None = None
+        self.parent_id: str | None = None
+        self.runs: dict[str, str] = {}  # cell id -> child run id
+        self.run: Any = None
+
+    @hookimpl
+    def on_matrix_start(self, run: Any) -> None:
+        from mlflow.entities import Param
+
+        self.run = run
+        self.client = tracking.client(run.tracking_uri)
+        artifact_root = run.results_dir / "mlartifacts" if run.tracking_uri.startswith("sqlite:") else None
+        self.experiment_id = tracking.ensure_experiment(self.client, run.experiment, artifact_root)
+        m = run.matrix
+        parent = self.client.create_run(
+            self.experiment_id,
+            run_name=m.name,
+            tags={
+                tracking.TAG_KIND: "matrix",
+                tracking.TAG_MATRIX: m.name,
+                tracking.TAG_MATRIX_FILE: m.path,
+                tracking.TAG_AXES: ",".join(m.axes),
+                "harness.argv": " ".join(run.argv)[:5000],
+            },
+        )
+        self.parent_id = parent.info.run_id
+        params = [Param("matrix.cells", str(len(m.cells))), Param("matrix.skipped", str(len(m.skipped)))]
+        params += [Param(f"axis.{k}", _param_value(v)) for k, v in m.axes.items()]
+        self.client.log_batch(self.parent_id, params=params)
+        if m.skipped:
+            text = "\n".join(f"[{c.label}] {c.skip_reason}" for c in m.skipped)
+            self.client.log_text(self.parent_id, text + "\n", "skipped_cells.txt")
+
+    @hookimpl
+    def on_cell_start(self, cell: Any, info: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        m = self.run.matrix
+        child = self.client.create_run(
+            self.experiment_id,
+            run_name=cell.label,
+            tags={
+                "mlflow.parentRunId": self.parent_id,
+                tracking.TAG_KIND: "cell",
+                tracking.TAG_MATRIX: m.name,
+                tracking.TAG_MATRIX_FILE: m.path,
+                tracking.TAG_CELL_ID: cell.id,
+                tracking.TAG_CELL_LABEL: cell.label,
+                tracking.TAG_AXES: ",".join(m.axes),
+                tracking.TAG_STATUS: "running",
+                "harness.device": str(info.get("device", "")),
+            },
+        )
+        run_id = child.info.run_id
+        self.runs[cell.id] = run_id
+        params = [Param(k, _param_value(v)) for k, v in flatten(cell.config).items()]
+        params += [Param(f"info.{k}", _param_value(v)) for k, v in info.items() if k != "device"]
+        for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
+
+    @hookimpl
+    def on_epoch_end(self, cell: Any, epoch: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        run_id = self.runs.get(cell.id)
+        if run_id is None:
+            return
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, epoch) for k, v in metrics.items()]
+        batch.append(Metric("epochs_completed", float(epoch), now, epoch))
+        self.client.log_batch(run_id, metrics=batch)
+
+    @hookimpl
+    def on_cell_end(self, cell: Any, result: Any) -> None:
+        run_id = self.runs.get(cell.id)
+        if run_id is None:  # failed before the run existed (e.g. while loading data)
+            self.on_cell_start(cell, {})
+            run_id = self.runs[cell.id]
+        self.client.set_tag(run_id, tracking.TAG_STATUS, result.status)
+        self.client.set_tag(run_id, "harness.duration_s", f"{result.duration_s:.1f}")
+        if result.error_type:
+            self.client.set_tag(run_id, tracking.TAG_ERROR_TYPE, result.error_type)
+        if result.error:
+            self.client.log_text(run_id, result.error, "traceback.txt")
+        self.client.set_terminated(run_id, status=STATUS_MLFLOW.get(result.status, "FAILED"))
+
+    @hookimpl
+    def on_matrix_end(self, run: Any, results: list[Any]) -> None:
+        if self.parent_id is None:
+            return
+        summary = run.output_dir / "summary.csv"
+        if summary.exists():
+            self.client.log_artifact(self.parent_id, str(summary))
+        if run.interrupted:
+            status = "KILLED"
+        elif any(r.status != "finished" for r in results):
+            status = "FAILED"
+        else:
+            status = "FINISHED"
+        self.client.set_tag(self.parent_id, tracking.TAG_STATUS, status.lower())
+        self.client.set_terminated(self.parent_id, status=status)
+
+
+@hookimpl
+def register_observers(observers: Any) -> None:
+    observers.add(MlflowTracker(), "tracker")

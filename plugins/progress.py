@@ -1,0 +1,124 @@
+"""Progress display (an observer): a live rich display on a terminal, plain log lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+from harness import hookimpl
+
+
+def _fmt_metrics(metrics: dict[str, float]) -> str:
+    keys = [("train_loss", "loss {:.4f}"), ("train_top1", "train {:.2%}"), ("test_top1", "test {:.2%}"), ("epoch_time_s", "{:.1f}s")]
+    return ", ".join(fmt.format(metrics[k]) for k, fmt in keys if k in metrics)
+
+
+class ProgressDisplay:
+    """Cells overall, the epochs of the current cell and the batches of the current pass."""
+
+    def __init__(self, stream: Any = None, live: bool | None = None) -> None:
+        from rich.console import Console
+
+        self.stream = stream or sys.stderr
+        self.live = self.stream.isatty() if live is None else live
+        self.console = Console(file=self.stream, force_terminal=self.live, highlight=False, soft_wrap=True)
+        self.progress: Any = None
+        self.tasks: dict[str, Any] = {}
+        self.total = 0
+        self.done = 0
+        self.cell_epochs = 0
+        self.t0 = 0.0
+
+    # -- matrix -----------------------------------------------------------------------------
+    @hookimpl
+    def on_matrix_start(self, run: Any) -> None:
+        m = run.matrix
+        self.total, self.done, self.t0 = len(m.cells), 0, time.perf_counter()
+        self.console.print(
+            f"matrix {m.name}: {len(m.cells)} cell(s) to run, {len(m.skipped)} skipped, {m.excluded} excluded"
+            f" -> {run.output_dir}  (tracking: {run.tracking_uri})"
+        )
+        for c in m.skipped:
+            self.console.print(f"  skipped [{c.label}]: {c.skip_reason}", markup=False)
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}", markup=False),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self.progress.start()
+            self.tasks["cells"] = self.progress.add_task("cells", total=self.total)
+
+    @hookimpl
+    def on_matrix_end(self, run: Any, results: list[Any]) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+        counts: dict[str, int] = {}
+        for r in results:
+            counts[r.status] = counts.get(r.status, 0) + 1
+        summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "no cell ran"
+        self.console.print(f"matrix {run.matrix.name}: {summary} in {time.perf_counter() - self.t0:.1f}s"
+                           + ("  (interrupted)" if run.interrupted else ""))
+        for r in results:
+            if r.status != "finished":
+                self.console.print(f"  {r.status} [{r.label}]: {r.error_type or ''}", markup=False)
+        self.console.print(f"summary: {run.output_dir / 'summary.md'}")
+
+    # -- cell -------------------------------------------------------------------------------
+    @hookimpl
+    def on_cell_start(self, cell: Any, info: dict[str, Any]) -> None:
+        self.cell_epochs = cell.config.epochs
+        head = f"[cell {self.done + 1}/{self.total}] {cell.label} ({cell.id})"
+        if self.progress is not None:
+            self.progress.console.print(f"{head} on {info.get('device')}", markup=False)
+            for name in ("epochs", "batches"):
+                if name in self.tasks:
+                    self.progress.remove_task(self.tasks.pop(name))
+            self.tasks["epochs"] = self.progress.add_task("  epochs", total=cell.config.epochs)
+            self.tasks["batches"] = self.progress.add_task("  train", total=1)
+        else:
+            self.console.print(f"{head} started on {info.get('device')}, {info.get('num_parameters')} parameters", markup=False)
+
+    @hookimpl
+    def on_cell_end(self, cell: Any, result: Any) -> None:
+        self.done += 1
+        acc = result.metrics.get("test_top1")
+        tail = f"test top-1 {acc:.2%}" if acc is not None else (result.error_type or "")
+        line = f"[cell {self.done}/{self.total}] {cell.label}: {result.status}, {tail} ({result.duration_s:.1f}s)"
+        if self.progress is not None:
+            self.progress.advance(self.tasks["cells"])
+            self.progress.console.print(line, markup=False)
+        else:
+            self.console.print(line, markup=False)
+
+    # -- epoch and batch ---------------------------------------------------------------------
+    @hookimpl
+    def on_epoch_start(self, cell: Any, epoch: int, num_train_batches: int, num_test_batches: int) -> None:
+        self._sizes = {"train": num_train_batches, "test": num_test_batches}
+
+    @hookimpl
+    def on_batch_end(self, cell: Any, phase: str, batch: int, num_batches: int) -> None:
+        if self.progress is not None:
+            self.progress.update(self.tasks["batches"], description=f"  {phase}", completed=batch, total=num_batches)
+
+    @hookimpl
+    def on_epoch_end(self, cell: Any, epoch: int, metrics: dict[str, float]) -> None:
+        line = f"  epoch {epoch}/{self.cell_epochs}: {_fmt_metrics(metrics)}"
+        if self.progress is not None:
+            self.progress.advance(self.tasks["epochs"])
+            self.progress.console.print(line, markup=False)
+        else:
+            self.console.print(line, markup=False)
+
+
+@hookimpl
+def register_observers(observers: Any) -> None:
+    observers.add(ProgressDisplay(), "display")

@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+# Our own tests see only the built-in plugins, whatever else is installed.
+os.environ["SNN_HARNESS_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def registry():
+    from harness import get_registry
+
+    return get_registry()
+
+
+@pytest.fixture
+def write_toml(tmp_path):
+    """Write a TOML file from a dedented string; returns its path."""
+
+    def write(text: str, name: str = "matrix.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
+
+
+TINY_DEFAULTS = """
+[defaults]
+dataset = "digits"
+model = "vgg_small"
+normalizer = "vanilla_bn"
+trainer = "bptt"
+epochs = 1
+batch_size = 128
+time_steps = 2
+train_subset = 256
+
+[options.model.vgg_small]
+channels = [4, 8]
+"""

@@ -1,0 +1,225 @@
+"""``harness run`` end to end on digits: MLflow parent/child runs, params, metrics, tags,
+summary files, failure isolation, exit codes, ``report``, ``list`` and ``--dry-run``."""
+
+from __future__ import annotations
+
+import csv
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from harness.cli import ExitCode, main
+
+MATRIX = """
+name = "e2e"
+
+[defaults]
+dataset = "digits"
+model = "vgg_small"
+normalizer = "vanilla_bn"
+trainer = "bptt"
+epochs = 2
+batch_size = 32
+time_steps = 2
+
+[defaults.optimizer]
+lr = 0.1
+
+[options.model.vgg_small]
+channels = [8, 16]
+
+[options.dataset.fashion_mnist]
+root = "{empty}"
+search_dirs = []
+download = false
+
+[matrix]
+dataset = ["digits", "fashion_mnist"]
+seed = [0, 1]
+
+[[exclude]]
+dataset = "fashion_mnist"
+seed = 1
+"""
+
+
+@pytest.fixture(scope="module")
+def finished_matrix(tmp_path_factory):
+    """Run a 3-cell matrix once: two digits cells finish, the Fashion-MNIST cell fails (no files)."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    (tmp / "empty").mkdir()
+    path = tmp / "e2e.toml"
+    path.write_text(textwrap.dedent(MATRIX.format(empty=tmp / "empty")))
+    results = tmp / "results"
+    code = main(["run", "--matrix", str(path), "--results", str(results)])
+    return {"code": code, "path": path, "results": results, "uri": f"sqlite:///{results / 'mlflow.db'}"}
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def test_a_failing_cell_does_not_stop_the_matrix_and_sets_exit_code_1(finished_matrix):
+    assert finished_matrix["code"] == ExitCode.CELLS_FAILED
+    rows = list(csv.DictReader((finished_matrix["results"] / "e2e" / "summary.csv").open()))
+    status = {(r["dataset"], r["seed"]): r["status"] for r in rows}
+    assert status == {("digits", "0"): "finished", ("digits", "1"): "finished", ("fashion_mnist", "0"): "failed"}
+    failed = next(r for r in rows if r["status"] == "failed")
+    assert failed["error_type"] == "DatasetNotFoundError"
+    finished = [r for r in rows if r["status"] == "finished"]
+    assert all(float(r["test_top1"]) > 0.3 for r in finished)  # two short epochs already learn
+    assert all(r["epochs"] == "2" for r in finished)
+    md = (finished_matrix["results"] / "e2e" / "summary.md").read_text()
+    assert "| cell | status | dataset | seed | test top-1 |" in md
+
+
+def test_mlflow_has_one_parent_and_a_child_per_cell_with_params_metrics_and_tags(finished_matrix):
+    import mlflow
+
+    uri = finished_matrix["uri"]
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["snn-harness"], output_format="pandas")
+    parents = runs[runs["tags.harness.kind"] == "matrix"]
+    children = runs[runs["tags.harness.kind"] == "cell"]
+    assert len(parents) == 1 and len(children) == 3
+    parent_id = parents.iloc[0]["run_id"]
+    assert set(children["tags.mlflow.parentRunId"]) == {parent_id}
+    assert parents.iloc[0]["status"] == "FAILED"  # one cell failed
+    assert parents.iloc[0]["tags.harness.matrix"] == "e2e"
+
+    ok = children[children["status"] == "FINISHED"]
+    assert len(ok) == 2 and (children["status"] == "FAILED").sum() == 1
+    # Params: every resolved config value under its dotted name.
+    row = ok.iloc[0]
+    assert row["params.normalizer.name"] == "vanilla_bn"
+    assert row["params.normalizer.momentum"] == "0.1"
+    assert row["params.optimizer.lr"] == "0.1"
+    assert row["params.time_steps"] == "2"
+    assert row["params.model.channels"] == "[8, 16]"
+    assert row["params.neuron.reset"] == "soft"
+    # Tags: matrix, cell id (hash of the resolved config), status.
+    summary = {r["cell_id"]: r for r in csv.DictReader((finished_matrix["results"] / "e2e" / "summary.csv").open())}
+    assert set(children["tags.harness.cell_id"]) == set(summary)
+    assert set(ok["tags.harness.status"]) == {"finished"}
+    # Metrics per epoch.
+    client = _client(uri)
+    history = client.get_metric_history(row["run_id"], "test_top1")
+    assert [m.step for m in history] == [1, 2]
+    for key in ("train_loss", "train_top1", "test_loss", "epoch_time_s"):
+        assert not pd_isnan(row[f"metrics.{key}"])
+    assert float(summary[row["tags.harness.cell_id"]]["test_top1"]) == pytest.approx(row["metrics.test_top1"])
+    # The failed cell carries its traceback and error class.
+    bad = children[children["status"] == "FAILED"].iloc[0]
+    assert bad["tags.harness.error_type"] == "DatasetNotFoundError"
+    text = Path(mlflow.artifacts.download_artifacts(run_id=bad["run_id"], artifact_path="traceback.txt")).read_text()
+    assert "Fashion-MNIST not found" in text and "apt-get install dataset-fashion-mnist" in text
+
+
+def pd_isnan(value) -> bool:
+    return value != value
+
+
+def test_report_rebuilds_the_table_from_mlflow(finished_matrix, capsys):
+    out_dir = finished_matrix["results"] / "e2e"
+    (out_dir / "summary.md").unlink()
+    code = main(["report", "--matrix", str(finished_matrix["path"]), "--results", str(finished_matrix["results"])])
+    assert code == ExitCode.OK
+    printed = capsys.readouterr().out
+    assert "matrix e2e: 3 cell(s)" in printed and "DatasetNotFoundError" in printed
+    md = (out_dir / "summary.md").read_text()
+    assert md.count("| finished |") == 2 and md.count("| failed |") == 1
+
+
+def test_rerun_with_only_keeps_earlier_rows_and_never_overwrites_runs(finished_matrix):
+    results = finished_matrix["results"]
+    code = main(["run", "--matrix", str(finished_matrix["path"]), "--results", str(results), "--only", "dataset=digits", "--only", "seed=1"])
+    assert code == ExitCode.OK
+    rows = list(csv.DictReader((results / "e2e" / "summary.csv").open()))
+    assert len(rows) == 3  # the failed and the other finished cell are still listed
+    runs = _client(finished_matrix["uri"]).search_runs(
+        [_client(finished_matrix["uri"]).get_experiment_by_name("snn-harness").experiment_id],
+        filter_string="tags.`harness.kind` = 'cell'",
+    )
+    assert len(runs) == 4  # 3 from the first run + 1 new; nothing overwritten
+
+
+def test_exit_code_5_when_only_matches_nothing(finished_matrix, capsys):
+    code = main(["run", "--matrix", str(finished_matrix["path"]), "--only", "seed=42", "--results", str(finished_matrix["results"])])
+    assert code == ExitCode.NO_CELLS
+    assert "--only matched no cell" in capsys.readouterr().err
+
+
+def test_exit_code_4_on_a_bad_matrix_names_file_and_key(tmp_path, capsys):
+    path = tmp_path / "bad.toml"
+    path.write_text("[defaults]\ndataset = 'digits'\nbatchsize = 3\n")
+    assert main(["run", "--matrix", str(path), "--results", str(tmp_path / "r")]) == ExitCode.USAGE_ERROR
+    err = capsys.readouterr().err
+    assert str(path) in err and "unknown key 'batchsize' in [defaults] (did you mean 'batch_size'?)" in err
+    assert not (tmp_path / "r").exists()  # nothing ran, nothing written
+
+
+def test_dry_run_lists_cells_and_writes_nothing(finished_matrix, tmp_path, capsys):
+    code = main(["run", "--matrix", str(finished_matrix["path"]), "--dry-run", "--results", str(tmp_path / "r")])
+    assert code == ExitCode.OK
+    out = capsys.readouterr().out
+    assert "3 cell(s) to run, 0 skipped, 1 excluded" in out
+    assert out.count("  run   ") == 3
+    assert not (tmp_path / "r").exists()
+
+
+def test_dry_run_shows_skipped_cells_with_reasons(tmp_path, capsys, monkeypatch):
+    """A whole-sequence-only normalizer next to an online trainer: skipped, with the reason."""
+    import types
+
+    import harness.registry as registry_module
+    from harness import hookimpl
+    from harness.training import Trainer
+    from snn_harness_plugins.normalizers import VanillaBatchNorm
+
+    class SeqOnlyBN(VanillaBatchNorm):
+        """Needs the whole sequence."""
+
+        step_modes = frozenset({"sequence"})
+
+    class StepTrainer(Trainer):
+        """Runs one step at a time."""
+
+        step_modes = frozenset({"single"})
+
+    plugin = types.ModuleType("test_plugin")
+
+    @hookimpl
+    def register_normalizers(registry):
+        registry.add("seq_bn", SeqOnlyBN)
+
+    @hookimpl
+    def register_trainers(registry):
+        registry.add("step_trainer", StepTrainer)
+
+    plugin.register_normalizers, plugin.register_trainers = register_normalizers, register_trainers
+    real = registry_module.get_plugin_manager
+    monkeypatch.setattr(registry_module, "get_plugin_manager", lambda **kw: real(extra_plugins=[(plugin, "test_plugin")], **kw))
+    path = tmp_path / "m.toml"
+    path.write_text(
+        "[defaults]\ndataset='digits'\nmodel='vgg_small'\nnormalizer='vanilla_bn'\ntrainer='bptt'\n"
+        "epochs=1\nbatch_size=8\ntime_steps=2\n[matrix]\nnormalizer=['vanilla_bn','seq_bn']\ntrainer=['bptt','step_trainer']\n"
+    )
+    assert main(["run", "--matrix", str(path), "--dry-run"]) == ExitCode.OK
+    out = capsys.readouterr().out
+    assert "3 cell(s) to run, 1 skipped" in out
+    assert "skip" in out and "normalizer 'seq_bn' runs only on the whole sequence, but trainer 'step_trainer' runs one step at a time" in out
+    # Asking only for the impossible cell is an error with the reason.
+    code = main(["run", "--matrix", str(path), "--only", "normalizer=seq_bn", "--only", "trainer=step_trainer"])
+    assert code == ExitCode.USAGE_ERROR
+    assert "every selected cell is impossible" in capsys.readouterr().err
+
+
+def test_list_shows_plugins_by_kind_with_their_package(capsys):
+    assert main(["list"]) == ExitCode.OK
+    out = capsys.readouterr().out
+    for name in ("vanilla_bn", "fixed", "bptt", "tet", "vgg_small", "digits", "fashion_mnist"):
+        assert name in out
+    assert "snn-harness 0.1.0" in out and "normalizers" in out and "losses" in out

@@ -1,0 +1,246 @@
+"""Matrix files: validation (each bad input names file, key and expectation), expansion,
+excludes, skip reasons and --only. Uses a fake catalog: the matrix needs no torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Literal
+
+import pytest
+
+from harness.config import CellConfig, cell_id, flatten, from_dict, to_dict
+from harness.errors import ConfigError, IncompatibleCellError
+from harness.matrix import load_matrix
+from harness.registry import Registrar, Registry
+
+
+def _norm(num_features: int, momentum: float = 0.1, mode: Literal["renorm", "linear"] = "renorm"):
+    """A normalizer that runs either way."""
+
+
+def _seq_norm(num_features: int, alpha: float = 1.0):
+    """A normalizer that needs the whole sequence."""
+
+
+def _fixed(theta: float = 1.0):
+    """Fixed threshold."""
+
+
+def _bptt(max_grad_norm: float = 0.0):
+    """Whole-sequence trainer."""
+
+
+def _online(update: Literal["sequence", "step"] = "sequence"):
+    """Step-by-step trainer."""
+
+
+def _loss(mse_weight: float = 0.05):
+    """Loss."""
+
+
+def _net(in_channels, num_classes, input_size, layers, channels: list[int] = [8]):  # noqa: B006
+    """Model."""
+
+
+def _toy(root: str = "data", needed: int | None = None):
+    """Data."""
+
+
+@pytest.fixture
+def catalog() -> Registry:
+    reg = Registry()
+
+    def add(kind, name, factory, **kw):
+        Registrar(reg.table(kind), "fake", "fake-plugins 0.0").add(name, factory, **kw)
+
+    add("normalizer", "bn", _norm)
+    add("normalizer", "seqnorm", _seq_norm, step_modes={"sequence"})
+    add("threshold", "fixed", _fixed)
+    add("trainer", "bptt", _bptt, step_modes={"sequence"})
+    add("trainer", "online", _online, step_modes={"single"})
+    add("loss", "tet", _loss)
+    add("model", "net", _net)
+    add("dataset", "toy", _toy)
+    return reg.freeze()
+
+
+BASE = """
+[defaults]
+dataset = "toy"
+model = "net"
+normalizer = "bn"
+trainer = "bptt"
+epochs = 2
+batch_size = 16
+time_steps = 4
+"""
+
+
+def test_matrix_module_does_not_import_torch():
+    code = "import sys, harness.matrix, harness.config, harness.registry; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_defaults_only_gives_one_resolved_cell(write_toml, catalog):
+    m = load_matrix(write_toml(BASE), catalog)
+    assert m.name == "matrix" and len(m.cells) == 1 and not m.skipped
+    cfg = m.cells[0].config
+    assert isinstance(cfg, CellConfig)
+    assert cfg.normalizer.name == "bn" and cfg.normalizer.options == {"momentum": 0.1, "mode": "renorm"}
+    assert cfg.threshold.name == "fixed" and cfg.loss.name == "tet"  # defaults
+    assert cfg.optimizer.name == "sgd" and cfg.optimizer.momentum == 0.9 and cfg.lr_schedule.name == "cosine"
+    assert m.cells[0].label == "default"
+
+
+def test_axes_expand_as_a_product_with_stable_ids(write_toml, catalog):
+    text = BASE + """
+[matrix]
+seed = [0, 1, 2]
+time_steps = [2, 4]
+"optimizer.lr" = [0.1, 0.05]
+"""
+    m = load_matrix(write_toml(text), catalog)
+    assert len(m.cells) == 12
+    assert len({c.id for c in m.cells}) == 12
+    assert m.cells[0].axes == {"seed": 0, "time_steps": 2, "optimizer.lr": 0.1}
+    assert m.cells[-1].config.optimizer.lr == 0.05
+    again = load_matrix(write_toml(text, "copy.toml"), catalog)
+    assert [c.id for c in again.cells] == [c.id for c in m.cells]  # ids are hashes of configs, not of files
+
+
+def test_cell_config_is_plain_picklable_and_round_trips(write_toml, catalog):
+    import pickle
+
+    cfg = load_matrix(write_toml(BASE), catalog).cells[0].config
+    assert pickle.loads(pickle.dumps(cfg)) == cfg
+    assert from_dict(to_dict(cfg)) == cfg
+    flat = flatten(cfg)
+    assert flat["normalizer.name"] == "bn" and flat["normalizer.momentum"] == 0.1 and flat["optimizer.lr"] == 0.1
+    assert cell_id(cfg) == load_matrix(write_toml(BASE, "b.toml"), catalog).cells[0].id
+
+
+def test_plugin_options_and_option_axes(write_toml, catalog):
+    text = BASE + """
+[matrix]
+"options.normalizer.bn.momentum" = [0.1, 0.3]
+[options.normalizer.bn]
+mode = "linear"
+"""
+    m = load_matrix(write_toml(text), catalog)
+    assert [c.config.normalizer.options for c in m.cells] == [
+        {"momentum": 0.1, "mode": "linear"},
+        {"momentum": 0.3, "mode": "linear"},
+    ]
+
+
+def test_excludes_drop_matching_cells(write_toml, catalog):
+    text = BASE + """
+[matrix]
+seed = [0, 1]
+time_steps = [2, 4, 8]
+[[exclude]]
+seed = 1
+time_steps = [4, 8]
+"""
+    m = load_matrix(write_toml(text), catalog)
+    assert m.excluded == 2
+    assert sorted((c.config.seed, c.config.time_steps) for c in m.cells) == [(0, 2), (0, 4), (0, 8), (1, 2)]
+
+
+def test_incompatible_cells_are_skipped_with_a_reason(write_toml, catalog):
+    text = BASE + """
+[matrix]
+normalizer = ["bn", "seqnorm"]
+trainer = ["bptt", "online"]
+"""
+    m = load_matrix(write_toml(text), catalog)
+    assert len(m.cells) == 3
+    (skip,) = m.skipped
+    assert skip.axes == {"normalizer": "seqnorm", "trainer": "online"}
+    assert skip.skip_reason == (
+        "normalizer 'seqnorm' runs only on the whole sequence, but trainer 'online' runs one step at a time"
+    )
+
+
+def test_only_impossible_cells_is_an_error_with_the_reason(write_toml, catalog):
+    text = BASE + """
+[matrix]
+normalizer = ["bn", "seqnorm"]
+trainer = ["bptt", "online"]
+"""
+    with pytest.raises(IncompatibleCellError, match=r"every selected cell is impossible:\n.*normalizer 'seqnorm' runs only on the whole sequence"):
+        load_matrix(write_toml(text), catalog, only=["normalizer=seqnorm", "trainer=online"])
+
+
+def test_only_filters_cells(write_toml, catalog):
+    text = BASE + """
+[matrix]
+seed = [0, 1, 2]
+normalizer = ["bn", "seqnorm"]
+"""
+    path = write_toml(text)
+    m = load_matrix(path, catalog, only=["seed=1"])
+    assert [c.config.seed for c in m.cells] == [1, 1] and m.filtered_out == 4
+    m = load_matrix(path, catalog, only=["seed=0", "seed=2", "normalizer=seqnorm"])
+    assert sorted(c.config.seed for c in m.cells) == [0, 2] and {c.config.normalizer.name for c in m.cells} == {"seqnorm"}
+    m = load_matrix(path, catalog, only=["optimizer.lr=0.1", "normalizer.momentum=0.1"])
+    assert len(m.cells) == 3
+    m = load_matrix(path, catalog, only=["seed=7"])
+    assert m.cells == [] and m.skipped == [] and m.filtered_out == 6
+    with pytest.raises(ConfigError, match=r"--only 'seed': expected key=value"):
+        load_matrix(path, catalog, only=["seed"])
+    with pytest.raises(ConfigError, match=r"--only 'sed=1': unknown key 'sed'"):
+        load_matrix(path, catalog, only=["sed=1"])
+
+
+# --------------------------------------------------------------------------------------------
+# Each kind of bad input: the message names the file, the key and what was expected.
+# --------------------------------------------------------------------------------------------
+
+BAD = [
+    (BASE + "\n[matrixx]\n", r"unknown key 'matrixx' in top level \(did you mean 'matrix'\?\)"),
+    (BASE.replace("batch_size", "batch_sise"), r"unknown key 'batch_sise' in \[defaults\] \(did you mean 'batch_size'\?\)"),
+    (BASE.replace("epochs = 2", 'epochs = "two"'), r"\[defaults\]: key 'epochs': expected an integer, got 'two'"),
+    (BASE.replace("epochs = 2", "epochs = 0"), r"\[defaults\]: key 'epochs' must be at least 1, got 0"),
+    (BASE.replace("epochs = 2\n", ""), r"\[defaults\]: missing required key 'epochs' \(an integer\)"),
+    (BASE.replace('normalizer = "bn"', 'normalizer = "bm"'), r"\[defaults\]: key 'normalizer': unknown normalizer 'bm'; known normalizers: bn, seqnorm"),
+    (BASE.replace('normalizer = "bn"', "normalizer = 3"), r"key 'normalizer' must be the name of a normalizer plugin, got 3"),
+    (BASE + '\n[matrix]\nnormalizer = ["bn", "xx"]\n', r"\[matrix\]: key 'normalizer': unknown normalizer 'xx'"),
+    (BASE + "\n[matrix]\ntime_steps = [2, 2.5]\n", r"\[matrix\]: key 'time_steps': expected an integer, got 2.5"),
+    (BASE + "\n[matrix]\ntime_steps = 4\n", r"\[matrix\] axis 'time_steps' must be a non-empty list of values, got 4"),
+    (BASE + "\n[matrix]\ntime_step = [4]\n", r"unknown axis 'time_step' in \[matrix\] \(did you mean 'time_steps'\?\)"),
+    (BASE + "\n[defaults.optimizer]\nlr = \"fast\"\n", r"\[defaults\]: key 'optimizer.lr': expected a number, got 'fast'"),
+    (BASE + "\n[defaults.optimizer]\nname = \"lion\"\n", r"key 'optimizer.name': expected 'sgd' or 'adam' or 'adamw', got 'lion'"),
+    (BASE + "\n[defaults.neuron]\ntaus = 2.0\n", r"\[defaults\]: unknown key 'neuron.taus' \(did you mean 'neuron.tau'\?\)"),
+    (BASE + "\n[options.normalizer.bn]\nmomentun = 0.1\n", r"\[options.normalizer.bn\]: unknown option 'momentun' of normalizer 'bn' \(did you mean 'momentum'\?\); its options: momentum: float = 0.1"),
+    (BASE + "\n[options.normalizer.bn]\nmode = \"both\"\n", r"\[options.normalizer.bn\]: option 'mode' of normalizer 'bn': expected 'renorm' or 'linear', got 'both'"),
+    (BASE + "\n[options.normalizer.zz]\nx = 1\n", r"\[options.normalizer.zz\]: unknown normalizer 'zz'"),
+    (BASE + "\n[options.normaliser.bn]\nx = 1\n", r"unknown key 'normaliser' in \[options\] \(plugin kinds\) \(did you mean 'normalizer'\?\)"),
+    (BASE + "\n[[exclude]]\nseeds = 1\n", r"unknown key 'seeds' in \[\[exclude\]\] number 1"),
+    (BASE + "\n[tracking]\nurl = \"x\"\n", r"\[tracking\]: unknown key 'url' \(did you mean 'uri'\?\)"),
+    ("[defaults\n", r"not valid TOML"),
+    ("name = 'x'\n", r"missing table \[defaults\]"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_bad_input_names_file_key_and_expectation(write_toml, catalog, text, message):
+    path = write_toml(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_matrix(path, catalog)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path, catalog):
+    with pytest.raises(ConfigError, match="matrix file not found"):
+        load_matrix(tmp_path / "nope.toml", catalog)
+
+
+def test_duplicate_cells_are_skipped_not_run_twice(write_toml, catalog):
+    # An axis over an option of a plugin the cells do not use gives identical configs.
+    text = BASE + '\n[matrix]\n"options.normalizer.seqnorm.alpha" = [1.0, 2.0]\n'
+    m = load_matrix(write_toml(text), catalog)
+    assert len(m.cells) == 1 and len(m.skipped) == 1
+    assert m.skipped[0].skip_reason.startswith("same resolved configuration as cell")

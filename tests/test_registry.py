@@ -1,0 +1,118 @@
+"""The registry: built-ins arrive through the entry points, names are checked, errors list names."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from harness import get_registry, hookimpl
+from harness.errors import PluginError, UnknownNameError
+from harness.registry import build_registry, get_plugin_manager
+
+
+def test_builtins_are_registered_through_the_entry_point_group(registry):
+    assert "vanilla_bn" in registry.normalizers
+    assert "fixed" in registry.thresholds
+    assert "bptt" in registry.trainers
+    assert "tet" in registry.losses
+    assert "vgg_small" in registry.models
+    assert {"digits", "fashion_mnist"} <= set(registry.datasets)
+    info = registry.normalizers.info("vanilla_bn")
+    assert info.plugin == "normalizers"
+    assert info.package.startswith("snn-harness ")
+
+
+def test_normalizer_factory_builds_a_module_with_options(registry):
+    bn = registry.normalizers["vanilla_bn"](num_features=64, momentum=0.2)
+    assert isinstance(bn, nn.Module)
+    assert bn.running_mean.shape == (64,) and bn.momentum == 0.2
+
+
+def test_unknown_name_lists_known_names_and_suggests(registry):
+    with pytest.raises(UnknownNameError, match=r"unknown normalizer 'vanila_bn'; known normalizers: vanilla_bn.*did you mean 'vanilla_bn'"):
+        registry.normalizers["vanila_bn"]
+    with pytest.raises(KeyError):  # a mapping still behaves like one
+        registry.trainers["nope"]
+
+
+def test_options_are_read_from_the_factory_signature(registry):
+    info = registry.normalizers.info("vanilla_bn")
+    assert set(info.options) == {"eps", "momentum", "affine"}  # num_features is injected
+    assert info.options["momentum"].annotation is float
+    assert info.defaults() == {"eps": 1e-5, "momentum": 0.1, "affine": True}
+    assert registry.trainers.info("bptt").step_modes == frozenset({"sequence"})
+
+
+def _plugin(name: str, **hooks):
+    module = types.ModuleType(name)
+    for hook_name, fn in hooks.items():
+        setattr(module, hook_name, fn)
+    return module
+
+
+def test_duplicate_name_is_an_error_naming_both_plugins():
+    @hookimpl
+    def register_normalizers(registry):
+        registry.add("vanilla_bn", nn.Identity)
+
+    pm = get_plugin_manager(extra_plugins=[(_plugin("dup", register_normalizers=register_normalizers), "my_dup_plugin")])
+    with pytest.raises(PluginError, match=r"normalizer 'vanilla_bn' is registered twice: by plugin '(normalizers|my_dup_plugin)'.*and by plugin '(normalizers|my_dup_plugin)'"):
+        build_registry(pm)
+
+
+def test_bad_registrations_are_rejected():
+    @hookimpl
+    def register_thresholds(registry):
+        registry.add("not valid!", nn.Identity)
+
+    pm = get_plugin_manager(extra_plugins=[(_plugin("bad", register_thresholds=register_thresholds), "bad")])
+    with pytest.raises(PluginError, match=r"plugin 'bad': threshold name 'not valid!' must be a Python identifier"):
+        build_registry(pm)
+
+    @hookimpl
+    def register_normalizers(registry):
+        registry.add("weird", nn.Identity, step_modes=["sometimes"])
+
+    pm = get_plugin_manager(extra_plugins=[(_plugin("bad2", register_normalizers=register_normalizers), "bad2")])
+    with pytest.raises(PluginError, match=r"step_modes \['sometimes'\]"):
+        build_registry(pm)
+
+
+def test_misspelled_hook_fails_at_start_up():
+    @hookimpl
+    def register_normalisers(registry):  # British spelling: not a hook
+        pass
+
+    with pytest.raises(Exception, match="register_normalisers"):
+        get_plugin_manager(extra_plugins=[(_plugin("typo", register_normalisers=register_normalisers), "typo")])
+
+
+def test_registry_is_frozen_and_fresh_per_call():
+    a, b = get_registry(), get_registry()
+    assert a is not b
+    with pytest.raises(PluginError, match="frozen"):
+        from harness.registry import Registrar
+
+        Registrar(a.normalizers, "late", "?").add("late_bn", nn.Identity)
+
+
+def test_blocking_a_plugin_by_name(monkeypatch):
+    monkeypatch.setenv("SNN_HARNESS_BLOCK_PLUGINS", "thresholds")
+    reg = get_registry()
+    assert len(reg.thresholds) == 0
+    assert "vanilla_bn" in reg.normalizers
+
+
+def test_registry_entries_are_usable_end_to_end(registry):
+    from harness.snn import LayerFactory, LIFNeuron, run_sequence
+
+    layers = LayerFactory(
+        normalizer=lambda c: registry.normalizers["vanilla_bn"](num_features=c),
+        neuron=lambda: LIFNeuron(registry.thresholds["fixed"]()),
+    )
+    model = registry.models["vgg_small"](in_channels=1, num_classes=10, input_size=(8, 8), layers=layers, channels=[4, 8])
+    out = run_sequence(model, torch.randn(3, 5, 1, 8, 8))
+    assert out.shape == (3, 5, 10)

@@ -205,12 +205,14 @@ def cmd_ui(args: argparse.Namespace, argv: list[str]) -> int:
     uri = resolve_tracking_uri(Path(args.results), cli=uri)
     proc = tracking.launch_ui(uri, args.host, args.port)
     print(f"MLflow UI on http://{args.host}:{args.port}  (store: {uri}); Ctrl-C to stop", flush=True)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return proc.wait()
     except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait()
         return ExitCode.OK
+    finally:
+        tracking.stop_process_group(proc)  # the UI's own workers too
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -267,8 +267,14 @@ def get_plugin_manager(
 def _load_entry_points(pm: HarnessPluginManager, third_party: bool) -> None:
     from importlib import metadata
 
+    seen: set[str] = set()
     for dist in metadata.distributions():
         dist_name = dist.metadata["name"] or "?"
+        # The first distribution of a name on sys.path wins, as in importlib.metadata.entry_points()
+        # (a stale egg-info in the working directory must not shadow-duplicate the installed one).
+        if _normalize(dist_name) in seen:
+            continue
+        seen.add(_normalize(dist_name))
         for ep in dist.entry_points:
             if ep.group != hookspecs.PROJECT_NAME:
                 continue

@@ -94,10 +94,28 @@ def _param_for_axis(axis: str) -> str:
 
 
 def launch_ui(uri: str, host: str, port: int) -> subprocess.Popen:
-    """Start ``mlflow ui`` on the store at ``uri``; returns the process (the caller waits on it)."""
+    """Start ``mlflow ui`` on the store at ``uri`` in its own process group (it starts workers of
+    its own); returns the process. Stop it with :func:`stop_process_group`."""
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, start_new_session=True)
     time.sleep(0.5)
     if proc.poll() is not None:
         raise HarnessError(f"mlflow ui exited at once with code {proc.returncode}: {' '.join(cmd)}")
     return proc
+
+
+def stop_process_group(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Terminate ``proc`` and every process it started (its process group), then reap it."""
+    import os
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue

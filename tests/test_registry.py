@@ -116,3 +116,21 @@ def test_registry_entries_are_usable_end_to_end(registry):
     model = registry.models["vgg_small"](in_channels=1, num_classes=10, input_size=(8, 8), layers=layers, channels=[4, 8])
     out = run_sequence(model, torch.randn(3, 5, 1, 8, 8))
     assert out.shape == (3, 5, 10)
+
+
+def test_a_second_copy_of_a_distribution_on_sys_path_is_not_a_duplicate(tmp_path):
+    """A stale ``*.egg-info`` of the project in the working directory shadows, never duplicates."""
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    info = tmp_path / "snn_harness-0.0.0.dist-info"
+    info.mkdir()
+    info.joinpath("METADATA").write_text("Metadata-Version: 2.1\nName: snn-harness\nVersion: 0.0.0\n")
+    info.joinpath("entry_points.txt").write_text(
+        metadata.distribution("snn-harness").read_text("entry_points.txt")
+    )
+    code = "from harness import get_registry; print(sorted(get_registry(autoload=True).normalizers))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "vanilla_bn" in out.stdout

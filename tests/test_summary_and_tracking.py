@@ -1,0 +1,156 @@
+"""Summary files, the tracking-URI rules, and a real ``mlflow server`` as the store."""
+
+from __future__ import annotations
+
+import csv
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+
+import pytest
+
+from harness.summary import merge, write_summary
+from harness.session import resolve_tracking_uri
+from harness.tracking import stop_process_group
+
+
+def test_summary_merge_never_lets_a_failure_replace_a_finished_row(tmp_path):
+    first = [
+        {"cell_id": "a", "label": "seed=0", "status": "finished", "test_top1": 0.9},
+        {"cell_id": "b", "label": "seed=1", "status": "failed", "error_type": "ValueError"},
+    ]
+    write_summary(tmp_path, first)
+    write_summary(tmp_path, [
+        {"cell_id": "a", "label": "seed=0", "status": "failed", "error_type": "OOM"},
+        {"cell_id": "b", "label": "seed=1", "status": "finished", "test_top1": 0.8},
+        {"cell_id": "c", "label": "seed=2", "status": "finished", "test_top1": 0.7},
+    ])
+    rows = {r["cell_id"]: r for r in csv.DictReader((tmp_path / "summary.csv").open())}
+    assert rows["a"]["status"] == "finished" and rows["a"]["test_top1"] == "0.9"
+    assert rows["b"]["status"] == "finished" and rows["c"]["status"] == "finished"
+    md = (tmp_path / "summary.md").read_text()
+    assert "| a | finished | 90.00% |" in md
+    assert merge([], [{"cell_id": "x", "status": "killed"}]) == [{"cell_id": "x", "status": "killed"}]
+
+
+def test_tracking_uri_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_tracking_uri(tmp_path) == f"sqlite:///{(tmp_path / 'mlflow.db').resolve()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert resolve_tracking_uri(tmp_path) == "http://127.0.0.1:1"
+    assert resolve_tracking_uri(tmp_path, cli="http://h:2") == "http://h:2"
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri(tmp_path, cli="sqlite:///rel/m.db") == f"sqlite:///{tmp_path.resolve()}/rel/m.db"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 with its own SQLite store and artifact root."""
+    tmp = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--artifacts-destination", str(tmp / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_process_group(proc)
+
+
+def test_tracking_uri_in_the_toml_points_a_run_at_a_real_server(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from harness.cli import main
+
+    path = tmp_path / "served.toml"
+    path.write_text(textwrap.dedent(f"""
+        name = "served"
+        [defaults]
+        dataset = "digits"
+        model = "vgg_small"
+        normalizer = "vanilla_bn"
+        trainer = "bptt"
+        epochs = 1
+        batch_size = 128
+        time_steps = 2
+        train_subset = 256
+        [options.model.vgg_small]
+        channels = [4]
+        [tracking]
+        uri = "{mlflow_server}"
+        experiment = "served-experiment"
+    """))
+    assert main(["run", "--matrix", str(path), "--results", str(tmp_path / "results")]) == 0
+    assert not (tmp_path / "results" / "mlflow.db").exists()  # nothing went to the local default
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.get_experiment_by_name("served-experiment")
+    runs = client.search_runs([exp.experiment_id])
+    kinds = sorted(r.data.tags["harness.kind"] for r in runs)
+    assert kinds == ["cell", "matrix"]
+    cell = next(r for r in runs if r.data.tags["harness.kind"] == "cell")
+    assert cell.info.status == "FINISHED" and "test_top1" in cell.data.metrics
+    # The summary was uploaded through the server as an artifact of the parent run.
+    parent = next(r for r in runs if r.data.tags["harness.kind"] == "matrix")
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["summary.csv"]
+
+
+def test_ui_command_serves_the_store(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness", "ui", "--results", str(tmp_path), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert f"MLflow UI on http://127.0.0.1:{port}" in line and "mlflow.db" in line
+        _wait_http(f"http://127.0.0.1:{port}/health", proc)
+        ui_pid = _child_pids(proc.pid)
+        assert ui_pid, "harness ui started no mlflow process"
+    finally:
+        proc.terminate()  # SIGTERM to `harness ui`: it must take the MLflow UI and its workers down
+        proc.wait(30)
+    time.sleep(1)
+    assert not [p for p in ui_pid if _alive(p)], "mlflow ui processes outlived `harness ui`"
+
+
+def _child_pids(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(state) and not state.startswith("Z")

@@ -137,9 +137,10 @@ def describe_matrix(matrix: Any) -> str:
 
 def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    from harness.registry import KINDS, get_plugin_manager, build_registry
+    from harness.registry import KINDS, build_registry, get_plugin_manager
 
     registry = build_registry(get_plugin_manager())
     kinds = [args.kind] if args.kind else list(KINDS)
@@ -150,7 +151,7 @@ def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
             table.add_column(col, overflow="fold")
         for name in registry.table(kind):
             info = registry.info(kind, name)
-            table.add_row(
+            cells = (
                 name,
                 info.plugin,
                 info.package,
@@ -158,6 +159,7 @@ def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
                 ", ".join(o.describe() for o in info.options.values()) + (", **options" if info.accepts_any_option else ""),
                 info.description,
             )
+            table.add_row(*map(escape, cells))  # descriptions hold equations like o[t]: not markup
         console.print(table)
     return ExitCode.OK
 

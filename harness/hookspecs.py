@@ -46,6 +46,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 def register_normalizers(registry: Registrar) -> None:
     """Contribute normalizers: ``factory(num_features: int, **options) -> nn.Module``.
 
+    A factory that also takes a ``time_steps`` argument receives the cell's ``T`` (for
+    normalizers with per-step parameters).
+
     The module sits between a synapse and its neuron and follows the step protocol
     (:class:`harness.snn.SequenceModule`): ``forward_step`` on ``[B, C, ...]`` and/or
     ``forward_sequence`` on ``[T, B, C, ...]``. Its class attribute ``step_modes`` declares
@@ -69,11 +72,11 @@ def register_thresholds(registry: Registrar) -> None:
 
 @hookspec
 def register_trainers(registry: Registrar) -> None:
-    """Contribute trainers: ``factory(**options) -> Trainer`` (:class:`harness.trainer.Trainer`).
+    """Contribute trainers: ``factory(**options) -> Trainer`` (:class:`harness.training.Trainer`).
 
     A trainer owns one batch: the forward schedule (whole sequence or one step at a time), the
-    loss and the backward/optimizer schedule. Its ``step_mode`` (``"sequence"`` or ``"single"``)
-    decides which normalizers and thresholds a matrix cell may combine it with.
+    loss and the backward/optimizer schedule. Its ``step_modes`` (``{"sequence"}`` or ``{"single"}``)
+    decide which normalizers and thresholds a matrix cell may combine it with.
 
     :param registry: call ``registry.add(name, factory)`` once per trainer.
     """
@@ -81,7 +84,7 @@ def register_trainers(registry: Registrar) -> None:
 
 @hookspec
 def register_losses(registry: Registrar) -> None:
-    """Contribute losses: ``factory(**options) -> SequenceLoss`` (:class:`harness.trainer.SequenceLoss`).
+    """Contribute losses: ``factory(**options) -> SequenceLoss`` (:class:`harness.training.SequenceLoss`).
 
     :param registry: call ``registry.add(name, factory)`` once per loss.
     """
@@ -93,8 +96,8 @@ def register_models(registry: Registrar) -> None:
 
     ``layers`` is a :class:`harness.snn.LayerFactory`: ``layers.normalizer(C)`` and
     ``layers.neuron()`` build the matrix cell's normalizer and LIF neuron (with its threshold
-    policy), so that any normalizer and threshold policy fit in any model. The factory returns a
-    :class:`harness.snn.SpikingNetwork`.
+    policy), so that any normalizer and threshold policy fit in any model. The factory returns an
+    ``nn.Module`` that follows the step protocol, usually a :class:`harness.snn.SpikingSequential`.
 
     :param registry: call ``registry.add(name, factory)`` once per model.
     """
@@ -195,7 +198,7 @@ def on_batch_end(cell: Cell, phase: str, batch: int, num_batches: int) -> None:
 @hookspec
 def on_epoch_end(cell: Cell, epoch: int, metrics: dict[str, float]) -> None:
     """An epoch ended, with its metrics (``train_loss``, ``train_top1``, ``test_loss``,
-    ``test_top1``, ``epoch_time_s``, ``lr``, and whatever plugins add).
+    ``test_top1``, ``best_test_top1``, ``epoch_time_s``, ``lr``, and whatever plugins add).
 
     :param cell: the cell.
     :param epoch: the epoch number, from 1.

@@ -34,7 +34,7 @@ STEP_MODES = frozenset({"single", "sequence"})
 
 # Arguments the harness passes itself; they are not user options of the factory.
 INJECTED: dict[str, frozenset[str]] = {
-    "normalizer": frozenset({"num_features"}),
+    "normalizer": frozenset({"num_features", "time_steps"}),
     "threshold": frozenset(),
     "trainer": frozenset(),
     "loss": frozenset(),
@@ -79,6 +79,11 @@ class ComponentInfo:
     options: Mapping[str, OptionInfo]
     accepts_any_option: bool  # the factory takes **kwargs
     description: str
+    injected: frozenset[str] = frozenset()  # the harness-provided arguments the factory takes
+
+    def takes(self, argument: str) -> bool:
+        """Whether the factory takes the harness-provided ``argument`` (e.g. ``time_steps``)."""
+        return argument in self.injected or self.accepts_any_option
 
     def defaults(self) -> dict[str, Any]:
         return {o.name: o.default for o in self.options.values() if not o.required}
@@ -192,7 +197,7 @@ class Registrar:
                 f"plugin {self.plugin!r}: {self.kind} {name!r} has step_modes {sorted(modes)}; "
                 f"expected a non-empty subset of {sorted(STEP_MODES)}"
             )
-        options, any_option = _options_of(factory, INJECTED[self.kind])
+        options, any_option, injected = _options_of(factory, INJECTED[self.kind])
         if "name" in options:
             raise PluginError(f"plugin {self.plugin!r}: {self.kind} {name!r} may not take an option called 'name'")
         doc = description if description is not None else " ".join((inspect.getdoc(factory) or "").split("\n\n")[0].split())
@@ -207,6 +212,7 @@ class Registrar:
                 options=options,
                 accepts_any_option=any_option,
                 description=doc,
+                injected=injected,
             )
         )
 
@@ -218,7 +224,7 @@ class ObserverRegistrar:
         self._pm, self.plugin = pm, plugin
 
     def add(self, observer: object, name: str) -> None:
-        self._pm.register(observer, name=f"{self.plugin}.{name}")
+        _register(self._pm, observer, f"{self.plugin}.{name}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,13 +257,13 @@ def get_plugin_manager(
     pm = HarnessPluginManager()
     pm.add_hookspecs(hookspecs)
     if autoload is None:
-        autoload = not os.environ.get(ENV_DISABLE_AUTOLOAD)
+        autoload = os.environ.get(ENV_DISABLE_AUTOLOAD, "").strip().lower() in ("", "0", "false", "no")
     for name in list(blocked) + [b for b in os.environ.get(ENV_BLOCK, "").split(",") if b.strip()]:
         pm.set_blocked(name.strip())
     _load_entry_points(pm, autoload)
     for plugin, name in extra_plugins:
-        pm.register(plugin, name=name)
-    pm.check_pending()  # a misspelled hook fails at start-up, naming the plugin
+        _register(pm, plugin, name)
+    _check_pending(pm)  # a misspelled hook fails at start-up, naming the plugin
     if os.environ.get(ENV_TRACE):
         pm.trace.root.setwriter(lambda msg: sys.stderr.write(msg))
         pm.enable_tracing()
@@ -295,11 +301,24 @@ def _load_entry_points(pm: HarnessPluginManager, third_party: bool) -> None:
                     f"error importing plugin {ep.name!r} ({ep.value}) from {dist_name} {dist.version}: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
-            try:
-                pm.register(plugin, name=ep.name)
-            except pluggy.PluginValidationError as exc:
-                raise PluginError(f"plugin {ep.name!r} from {dist_name} {dist.version}: {exc}") from exc
+            _register(pm, plugin, ep.name, f" from {dist_name} {dist.version}")
             pm.packages[ep.name] = f"{dist_name} {dist.version}"
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, name: str, origin: str = "") -> None:
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {name!r}{origin}: {exc}") from exc
+    except ValueError as exc:  # registered twice under one name
+        raise PluginError(f"plugin {name!r}{origin}: {exc}") from exc
+
+
+def _check_pending(pm: pluggy.PluginManager) -> None:
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"plugin {exc.plugin!r}: {exc} (not a hook of snn_harness; see docs/plugins.md)") from exc
 
 
 def _normalize(dist_name: str) -> str:
@@ -330,6 +349,7 @@ def register_observers(pm: pluggy.PluginManager) -> None:
         pm.subset_hook_caller("register_observers", remove_plugins=others)(
             observers=ObserverRegistrar(pm, impl.plugin_name)
         )
+    _check_pending(pm)  # a misspelled lifecycle hook on an observer fails here, not silently
 
 
 def get_registry(**kwargs: Any) -> Registry:
@@ -342,12 +362,14 @@ def get_registry(**kwargs: Any) -> Registry:
 # ---------------------------------------------------------------------------------------------
 
 
-def _options_of(factory: Callable[..., Any], injected: frozenset[str]) -> tuple[dict[str, OptionInfo], bool]:
+def _options_of(
+    factory: Callable[..., Any], injected: frozenset[str]
+) -> tuple[dict[str, OptionInfo], bool, frozenset[str]]:
     target = factory.__init__ if inspect.isclass(factory) else factory
     try:
         sig = inspect.signature(factory)
     except (TypeError, ValueError):
-        return {}, True
+        return {}, True, frozenset()
     try:
         hints = typing.get_type_hints(target)
     except Exception:  # unresolved forward references: no type checks, names still checked
@@ -361,7 +383,7 @@ def _options_of(factory: Callable[..., Any], injected: frozenset[str]) -> tuple[
         if p.kind is p.VAR_POSITIONAL or p.name in injected:
             continue
         options[p.name] = OptionInfo(p.name, hints.get(p.name, inspect.Parameter.empty), p.default)
-    return options, any_option
+    return options, any_option, frozenset(injected & set(sig.parameters))
 
 
 def _type_name(annotation: Any) -> str:

@@ -58,10 +58,11 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(config: CellConfig, registry: Registry, data: DatasetBundle) -> nn.Module:
     norm = config.normalizer
+    norm_extra = {"time_steps": config.time_steps} if registry.normalizers.info(norm.name).takes("time_steps") else {}
     policy = config.threshold
     neuron_cfg = config.neuron
     layers = LayerFactory(
-        normalizer=lambda c: registry.normalizers[norm.name](num_features=c, **norm.options),
+        normalizer=lambda c: registry.normalizers[norm.name](num_features=c, **norm_extra, **norm.options),
         neuron=lambda: LIFNeuron(
             registry.thresholds[policy.name](**policy.options),
             tau=neuron_cfg.tau,

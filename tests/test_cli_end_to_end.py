@@ -223,3 +223,4 @@ def test_list_shows_plugins_by_kind_with_their_package(capsys):
     for name in ("vanilla_bn", "fixed", "bptt", "tet", "vgg_small", "digits", "fashion_mnist"):
         assert name in out
     assert "snn-harness 0.1.0" in out and "normalizers" in out and "losses" in out
+    assert "theta[t] = theta" in out and "channels: list[int]" in out  # brackets are text, not markup

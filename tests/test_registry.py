@@ -134,3 +134,73 @@ def test_a_second_copy_of_a_distribution_on_sys_path_is_not_a_duplicate(tmp_path
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "vanilla_bn" in out.stdout
+
+
+def test_hook_calls_can_be_traced(monkeypatch, capsys):
+    monkeypatch.setenv("SNN_HARNESS_TRACE_PLUGINS", "1")
+    get_registry()
+    err = capsys.readouterr().err
+    assert "register_normalizers" in err and "register_datasets" in err
+
+
+def test_misspelled_observer_hook_is_reported_not_ignored():
+    from harness.registry import register_observers
+
+    class Observer:
+        @hookimpl
+        def on_epoch_ended(self, cell, epoch, metrics):  # not a hook: on_epoch_end
+            pass
+
+    @hookimpl
+    def register_observers_impl(observers):
+        observers.add(Observer(), "watcher")
+
+    plugin = _plugin("obs")
+    plugin.register_observers = register_observers_impl
+    pm = get_plugin_manager(extra_plugins=[(plugin, "obs")])
+    with pytest.raises(PluginError, match=r"on_epoch_ended.*not a hook of snn_harness"):
+        register_observers(pm)
+
+
+@pytest.mark.parametrize("value,third_party", [("1", False), ("yes", False), ("0", True), ("false", True), ("", True)])
+def test_disable_autoload_values(monkeypatch, value, third_party):
+    import harness.registry as reg
+
+    seen = {}
+    monkeypatch.setattr(reg, "_load_entry_points", lambda pm, tp: seen.setdefault("third_party", tp))
+    monkeypatch.setenv("SNN_HARNESS_DISABLE_PLUGIN_AUTOLOAD", value)
+    get_plugin_manager()
+    assert seen["third_party"] is third_party
+
+
+def test_normalizers_that_take_time_steps_receive_the_cells_T(registry):
+    from harness.config import CellConfig, Component
+    from harness.registry import Registry, Registrar
+    from harness.runner import build_model
+    from snn_harness_plugins.datasets import digits
+
+    built = []
+
+    class PerStepBN(nn.Module):
+        """Normalizer with per-step parameters."""
+
+        def __init__(self, num_features: int, time_steps: int, eps: float = 1e-5):
+            super().__init__()
+            built.append(time_steps)
+
+        def forward(self, x):
+            return x
+
+    reg = Registry()
+    for kind in ("threshold", "model", "dataset", "trainer", "loss"):
+        for name in registry.table(kind):
+            info = registry.info(kind, name)
+            Registrar(reg.table(kind), info.plugin, info.package).add(name, info.factory)
+    Registrar(reg.normalizers, "t", "t").add("per_step", PerStepBN)
+    info = reg.normalizers.info("per_step")
+    assert set(info.options) == {"eps"} and info.takes("time_steps") and not info.takes("num_classes")
+    cfg = CellConfig(dataset=Component("digits"), model=Component("vgg_small", {"channels": [4, 8]}),
+                     normalizer=Component("per_step", {"eps": 1e-5}), trainer=Component("bptt"),
+                     epochs=1, batch_size=4, time_steps=6)
+    build_model(cfg, reg, digits())
+    assert built == [6, 6]

@@ -252,3 +252,14 @@ def test_sequence_only_module_refuses_single_step_mode():
     net = vgg_small(1, 10, (8, 8), layers, channels=[4])
     with pytest.raises(ValueError, match=r"SeqOnly supports step modes \['sequence'\], not 'single' \(it needs the whole sequence at once\)"):
         run_sequence(net, torch.randn(2, 3, 1, 8, 8), "single")
+
+
+def test_spiking_sequential_refuses_plain_containers_of_neurons():
+    from torch import nn
+
+    from harness.snn import SpikingSequential
+
+    with pytest.raises(TypeError, match="Sequential holds stateful spiking modules but is not a SpikingSequential"):
+        SpikingSequential(nn.Sequential(nn.Linear(2, 2), _lif("soft")))
+    nested = SpikingSequential(SpikingSequential(nn.Linear(2, 2), _lif("soft")), nn.Linear(2, 3))
+    assert run_sequence(nested, torch.randn(4, 5, 2)).shape == (4, 5, 3)

@@ -104,7 +104,18 @@ class SpikingSequential(nn.Sequential):
     """``nn.Sequential`` whose plain (stateless) layers are wrapped in :class:`TimeDistributed`."""
 
     def __init__(self, *layers: nn.Module) -> None:
-        super().__init__(*(l if isinstance(l, SequenceAware) or isinstance(l, SpikingSequential) else TimeDistributed(l) for l in layers))
+        wrapped = []
+        for layer in layers:
+            if isinstance(layer, (SequenceAware, SpikingSequential)):
+                wrapped.append(layer)
+                continue
+            if any(isinstance(m, SequenceAware) for m in layer.modules()):
+                raise TypeError(
+                    f"{type(layer).__name__} holds stateful spiking modules but is not a SpikingSequential: "
+                    "in sequence mode it would see [T*B, ...] as if it were stateless; use SpikingSequential for it"
+                )
+            wrapped.append(TimeDistributed(layer))
+        super().__init__(*wrapped)
 
 
 def sequence_modules(model: nn.Module) -> list[SequenceAware]:

@@ -5,7 +5,8 @@ Schema (every key is checked; errors name the file, the section, the key and wha
     name = "fmnist"                 # optional; defaults to the file name without .toml
     description = "..."             # optional
 
-    [defaults]                      # one value per CellConfig field (see harness.config)
+    [defaults]                      # one value per CellConfig field (see harness.config);
+                                    # `seeds = [0, 1, 2]` is shorthand for a seed axis
     dataset = "fashion_mnist"
     model = "vgg_small"
     normalizer = "vanilla_bn"
@@ -137,9 +138,17 @@ def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequenc
     defaults = data.get("defaults")
     if not isinstance(defaults, dict):
         raise ConfigError(f"{source}: missing table [defaults] (dataset, model, normalizer, trainer, epochs, ...)")
-    _check_keys(defaults, [f.name for f in dataclasses.fields(CellConfig)], source, "[defaults]")
+    _check_keys(defaults, [f.name for f in dataclasses.fields(CellConfig)] + ["seeds"], source, "[defaults]")
 
     axes = _read_axes(data.get("matrix", {}), source)
+    if "seeds" in defaults:  # shorthand: `seeds = [0, 1, 2]` in [defaults] is a seed axis
+        defaults = dict(defaults)
+        seeds = defaults.pop("seeds")
+        if "seed" in defaults or "seed" in axes:
+            raise ConfigError(f"{source}: [defaults] key 'seeds' cannot be combined with 'seed' in [defaults] or [matrix]")
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+            raise ConfigError(f"{source}: [defaults] key 'seeds' must be a non-empty list of integers, got {seeds!r}")
+        axes = {"seed": seeds, **axes}
     excludes = _read_excludes(data.get("exclude", []), source)
     options = _read_options(data.get("options", {}), catalog, source)
     filters = _parse_only(only)

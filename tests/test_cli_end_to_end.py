@@ -224,3 +224,81 @@ def test_list_shows_plugins_by_kind_with_their_package(capsys):
         assert name in out
     assert "snn-harness 0.1.0" in out and "normalizers" in out and "losses" in out
     assert "theta[t] = theta" in out and "channels: list[int]" in out  # brackets are text, not markup
+
+
+def _with_test_plugin(monkeypatch, **hooks):
+    """Make the CLI's plugin manager include an extra in-process plugin."""
+    import types
+
+    import harness.registry as registry_module
+
+    plugin = types.ModuleType("test_plugin")
+    for name, fn in hooks.items():
+        setattr(plugin, name, fn)
+    real = registry_module.get_plugin_manager
+    monkeypatch.setattr(registry_module, "get_plugin_manager", lambda **kw: real(extra_plugins=[(plugin, "test_plugin")], **kw))
+
+
+TINY = """
+name = "tiny"
+[defaults]
+dataset = "digits"
+model = "vgg_small"
+normalizer = "vanilla_bn"
+trainer = "bptt"
+epochs = 2
+batch_size = 128
+time_steps = 2
+train_subset = 512
+[options.model.vgg_small]
+channels = [4]
+[matrix]
+seed = [0, 1]
+"""
+
+
+def test_interrupt_marks_the_cell_killed_and_exits_2(tmp_path, monkeypatch):
+    from harness import hookimpl
+
+    class Interrupter:
+        @hookimpl
+        def on_batch_end(self, cell, phase, batch, num_batches):
+            if batch == 2:
+                raise KeyboardInterrupt
+
+    @hookimpl
+    def register_observers(observers):
+        observers.add(Interrupter(), "interrupter")
+
+    _with_test_plugin(monkeypatch, register_observers=register_observers)
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    results = tmp_path / "results"
+    assert main(["run", "--matrix", str(path), "--results", str(results)]) == ExitCode.INTERRUPTED
+    client = _client(f"sqlite:///{results / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("snn-harness").experiment_id])
+    by_kind = {r.data.tags["harness.kind"]: r for r in runs}
+    assert len(runs) == 2  # the second cell never started
+    assert by_kind["cell"].info.status == "KILLED" and by_kind["cell"].data.tags["harness.status"] == "killed"
+    assert by_kind["matrix"].info.status == "KILLED"
+    rows = list(csv.DictReader((results / "tiny" / "summary.csv").open()))
+    assert [r["status"] for r in rows] == ["killed"]
+
+
+def test_a_plugin_bug_outside_cells_is_an_internal_error_exit_3(tmp_path, monkeypatch, capsys):
+    from harness import hookimpl
+
+    class Broken:
+        @hookimpl
+        def on_matrix_start(self, run):
+            raise RuntimeError("observer bug")
+
+    @hookimpl
+    def register_observers(observers):
+        observers.add(Broken(), "broken")
+
+    _with_test_plugin(monkeypatch, register_observers=register_observers)
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    assert main(["run", "--matrix", str(path), "--results", str(tmp_path / "r")]) == ExitCode.INTERNAL_ERROR
+    assert "RuntimeError: observer bug" in capsys.readouterr().err

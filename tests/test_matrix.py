@@ -244,3 +244,12 @@ def test_duplicate_cells_are_skipped_not_run_twice(write_toml, catalog):
     m = load_matrix(write_toml(text), catalog)
     assert len(m.cells) == 1 and len(m.skipped) == 1
     assert m.skipped[0].skip_reason.startswith("same resolved configuration as cell")
+
+
+def test_seeds_in_defaults_is_a_seed_axis(write_toml, catalog):
+    m = load_matrix(write_toml(BASE + "seeds = [3, 4]\n"), catalog)
+    assert [c.config.seed for c in m.cells] == [3, 4] and m.axes == {"seed": [3, 4]}
+    with pytest.raises(ConfigError, match="'seeds' cannot be combined with 'seed'"):
+        load_matrix(write_toml(BASE + "seeds = [3, 4]\nseed = 1\n"), catalog)
+    with pytest.raises(ConfigError, match="'seeds' must be a non-empty list of integers"):
+        load_matrix(write_toml(BASE + "seeds = 3\n"), catalog)

@@ -21,6 +21,18 @@ def registry():
 
 
 @pytest.fixture
+def tiny_matrix(tmp_path):
+    """Write a tiny digits matrix (one epoch, two batches) plus ``extra`` TOML; returns its path."""
+
+    def write(extra: str = "", name: str = "tiny") -> Path:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(f'name = "{name}"\n' + TINY_DEFAULTS + textwrap.dedent(extra))
+        return path
+
+    return write
+
+
+@pytest.fixture
 def write_toml(tmp_path):
     """Write a TOML file from a dedented string; returns its path."""
 
@@ -33,6 +45,7 @@ def write_toml(tmp_path):
 
 
 TINY_DEFAULTS = """
+# A tiny matrix: digits, one epoch of two batches, a one-stage network. Tests add axes to it.
 [defaults]
 dataset = "digits"
 model = "vgg_small"

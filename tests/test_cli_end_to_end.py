@@ -239,25 +239,9 @@ def _with_test_plugin(monkeypatch, **hooks):
     monkeypatch.setattr(registry_module, "get_plugin_manager", lambda **kw: real(extra_plugins=[(plugin, "test_plugin")], **kw))
 
 
-TINY = """
-name = "tiny"
-[defaults]
-dataset = "digits"
-model = "vgg_small"
-normalizer = "vanilla_bn"
-trainer = "bptt"
-epochs = 2
-batch_size = 128
-time_steps = 2
-train_subset = 512
-[options.model.vgg_small]
-channels = [4]
-[matrix]
-seed = [0, 1]
-"""
 
 
-def test_interrupt_marks_the_cell_killed_and_exits_2(tmp_path, monkeypatch):
+def test_interrupt_marks_the_cell_killed_and_exits_2(tmp_path, monkeypatch, tiny_matrix):
     from harness import hookimpl
 
     class Interrupter:
@@ -271,8 +255,7 @@ def test_interrupt_marks_the_cell_killed_and_exits_2(tmp_path, monkeypatch):
         observers.add(Interrupter(), "interrupter")
 
     _with_test_plugin(monkeypatch, register_observers=register_observers)
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY)
+    path = tiny_matrix("[matrix]\nseed = [0, 1]\n")
     results = tmp_path / "results"
     assert main(["run", "--matrix", str(path), "--results", str(results)]) == ExitCode.INTERRUPTED
     client = _client(f"sqlite:///{results / 'mlflow.db'}")
@@ -285,7 +268,7 @@ def test_interrupt_marks_the_cell_killed_and_exits_2(tmp_path, monkeypatch):
     assert [r["status"] for r in rows] == ["killed"]
 
 
-def test_a_plugin_bug_outside_cells_is_an_internal_error_exit_3(tmp_path, monkeypatch, capsys):
+def test_a_plugin_bug_outside_cells_is_an_internal_error_exit_3(tmp_path, monkeypatch, capsys, tiny_matrix):
     from harness import hookimpl
 
     class Broken:
@@ -298,7 +281,6 @@ def test_a_plugin_bug_outside_cells_is_an_internal_error_exit_3(tmp_path, monkey
         observers.add(Broken(), "broken")
 
     _with_test_plugin(monkeypatch, register_observers=register_observers)
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY)
+    path = tiny_matrix("[matrix]\nseed = [0, 1]\n")
     assert main(["run", "--matrix", str(path), "--results", str(tmp_path / "r")]) == ExitCode.INTERNAL_ERROR
     assert "RuntimeError: observer bug" in capsys.readouterr().err

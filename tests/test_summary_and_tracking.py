@@ -6,7 +6,6 @@ import csv
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 
@@ -84,29 +83,16 @@ def mlflow_server(tmp_path_factory):
         stop_process_group(proc)
 
 
-def test_tracking_uri_in_the_toml_points_a_run_at_a_real_server(mlflow_server, tmp_path):
+def test_tracking_uri_in_the_toml_points_a_run_at_a_real_server(mlflow_server, tmp_path, tiny_matrix):
     from mlflow.tracking import MlflowClient
 
     from harness.cli import main
 
-    path = tmp_path / "served.toml"
-    path.write_text(textwrap.dedent(f"""
-        name = "served"
-        [defaults]
-        dataset = "digits"
-        model = "vgg_small"
-        normalizer = "vanilla_bn"
-        trainer = "bptt"
-        epochs = 1
-        batch_size = 128
-        time_steps = 2
-        train_subset = 256
-        [options.model.vgg_small]
-        channels = [4]
+    path = tiny_matrix(f"""
         [tracking]
         uri = "{mlflow_server}"
         experiment = "served-experiment"
-    """))
+    """, name="served")
     assert main(["run", "--matrix", str(path), "--results", str(tmp_path / "results")]) == 0
     assert not (tmp_path / "results" / "mlflow.db").exists()  # nothing went to the local default
     client = MlflowClient(tracking_uri=mlflow_server)

@@ -101,10 +101,6 @@ class ProgressDisplay:
 
     # -- epoch and batch ---------------------------------------------------------------------
     @hookimpl
-    def on_epoch_start(self, cell: Any, epoch: int, num_train_batches: int, num_test_batches: int) -> None:
-        self._sizes = {"train": num_train_batches, "test": num_test_batches}
-
-    @hookimpl
     def on_batch_end(self, cell: Any, phase: str, batch: int, num_batches: int) -> None:
         if self.progress is not None:
             self.progress.update(self.tasks["batches"], description=f"  {phase}", completed=batch, total=num_batches)

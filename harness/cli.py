@@ -26,9 +26,16 @@ class ExitCode(enum.IntEnum):
     NO_CELLS = 5
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """Usage errors exit with 4 (argparse's own 2 means "interrupted" here)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(f"{message}\n{self.format_usage().strip()}")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="harness", description="Benchmark harness for spiking neural networks.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _ArgumentParser(prog="harness", description="Benchmark harness for spiking neural networks.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
 
     def common(sp: argparse.ArgumentParser, matrix_required: bool = True) -> None:
         sp.add_argument("--matrix", "-m", required=matrix_required, help="the matrix TOML file")
@@ -58,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser().parse_args(argv)
     try:
+        args = _parser().parse_args(argv)
         handler = {"run": cmd_run, "list": cmd_list, "report": cmd_report, "ui": cmd_ui}[args.command]
         return int(handler(args, argv))
     except (ConfigError, IncompatibleCellError, PluginError) as exc:
@@ -68,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
-    except HarnessError as exc:
+    except HarnessError as exc:  # deliberate errors about the set-up (a deleted experiment, no CUDA, ...)
         print(f"harness: error: {exc}", file=sys.stderr)
-        return ExitCode.INTERNAL_ERROR
+        return ExitCode.USAGE_ERROR
     except Exception:  # a bug: show everything
         traceback.print_exc()
         return ExitCode.INTERNAL_ERROR

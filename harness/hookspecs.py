@@ -107,8 +107,9 @@ def register_models(registry: Registrar) -> None:
 def register_datasets(registry: Registrar) -> None:
     """Contribute data sets: ``factory(**options) -> DatasetBundle`` (:class:`harness.data.DatasetBundle`).
 
-    A factory must not download anything unless an option explicitly asks for it, and must
-    fail with one clear error naming the expected files and how to get them.
+    A factory must not download at import time, and downloads only under an option the user can
+    turn off; when files are missing it fails with one clear error naming the expected files and
+    how to get them.
 
     :param registry: call ``registry.add(name, factory)`` once per data set.
     """

@@ -151,6 +151,15 @@ def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequenc
         axes = {"seed": seeds, **axes}
     excludes = _read_excludes(data.get("exclude", []), source)
     options = _read_options(data.get("options", {}), catalog, source)
+    for key, values in axes.items():  # an option axis names a real plugin and option, with good values
+        if key.startswith("options."):
+            _, kind, plugin, opt = key.split(".", 3)
+            try:
+                info = catalog.info(kind, plugin)
+            except UnknownNameError as exc:
+                raise ConfigError(f"{source}: [matrix] axis {key!r}: {exc}") from None
+            for value in values:
+                _check_option(info, opt, value, f"{source} [matrix] axis {key!r}")
     filters = _parse_only(only)
     tracking = validate.build_dataclass(TrackingConfig, data.get("tracking", {}), f"{source} [tracking]")
 
@@ -158,6 +167,7 @@ def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequenc
     skipped: list[Cell] = []
     seen: dict[str, Cell] = {}
     excluded = filtered = 0
+    rule_hits = [0] * len(excludes)
     for index, combo in enumerate(itertools.product(*axes.values()) if axes else [()]):
         overrides = dict(zip(axes, combo))
         raw, raw_options = copy.deepcopy(defaults), copy.deepcopy(options)
@@ -167,12 +177,20 @@ def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequenc
                 raw_options.setdefault(kind, {}).setdefault(plugin, {})[opt] = value
             elif "." in key:
                 head, sub = key.split(".", 1)
-                raw.setdefault(head, {})[sub] = value
+                if not isinstance(raw.setdefault(head, {}), dict):
+                    raise ConfigError(
+                        f"{source}: [defaults] key {head!r} must be a table ([defaults.{head}]) "
+                        f"for the axis {key!r}, got {raw[head]!r}"
+                    )
+                raw[head][sub] = value
             else:
                 raw[key] = value
         config = _resolve(raw, raw_options, catalog, source, set(axes))
         flat = flatten(config)
-        if any(all(_matches(flat, k, v) for k, v in rule.items()) for rule in excludes):
+        hits = [all(_matches(flat, k, v) for k, v in rule.items()) for rule in excludes]
+        for i, hit in enumerate(hits):
+            rule_hits[i] += hit
+        if any(hits):
             excluded += 1
             continue
         if not all(any(_matches(flat, k, v) for v in values) for k, values in filters.items()):
@@ -186,6 +204,9 @@ def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequenc
         seen.setdefault(cid, cell)
         (skipped if reason else cells).append(cell)
 
+    for i, hits in enumerate(rule_hits, 1):
+        if not hits:  # a typo in a rule would otherwise train the cells it meant to drop
+            raise ConfigError(f"{source}: [[exclude]] number {i} ({_rule_text(excludes[i - 1])}) matches no cell of the matrix")
     matrix = Matrix(
         name=name,
         path=source,
@@ -271,12 +292,16 @@ def _read_excludes(rules: Any, source: str) -> list[dict[str, list[Any]]]:
         if not rule:
             raise ConfigError(f"{source}: [[exclude]] number {i} is empty (it would exclude every cell)")
         for key in rule:
-            if not _axis_path_ok(key) and key.split(".")[0] not in COMPONENT_KINDS:
+            if key in NESTED or not _axis_path_ok(key) and key.split(".")[0] not in COMPONENT_KINDS:
                 raise ConfigError(
                     f"{source}: unknown key {key!r} in [[exclude]] number {i}; a key is one of: {_axis_paths_hint()}"
                 )
         out.append({k: v if isinstance(v, list) else [v] for k, v in rule.items()})
     return out
+
+
+def _rule_text(rule: dict[str, list[Any]]) -> str:
+    return ", ".join(f"{k} = {v[0]!r}" if len(v) == 1 else f"{k} = {v!r}" for k, v in rule.items())
 
 
 def _read_options(table: Any, catalog: Catalog, source: str) -> dict[str, dict[str, dict[str, Any]]]:

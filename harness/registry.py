@@ -7,6 +7,7 @@ and returns a frozen :class:`Registry`. Nothing here imports torch.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import sys
@@ -86,7 +87,8 @@ class ComponentInfo:
         return argument in self.injected or self.accepts_any_option
 
     def defaults(self) -> dict[str, Any]:
-        return {o.name: o.default for o in self.options.values() if not o.required}
+        """Fresh copies of the factory's defaults (a cell must not share the signature's list objects)."""
+        return {o.name: copy.deepcopy(o.default) for o in self.options.values() if not o.required}
 
 
 class ComponentTable(Mapping[str, Callable[..., Any]]):
@@ -318,7 +320,9 @@ def _check_pending(pm: pluggy.PluginManager) -> None:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        raise PluginError(f"plugin {exc.plugin!r}: {exc} (not a hook of snn_harness; see docs/plugins.md)") from exc
+        name = pm.get_name(exc.plugin) or repr(exc.plugin)
+        what = str(exc).replace(f" in plugin {exc.plugin!r}", "")
+        raise PluginError(f"plugin {name!r}: {what} (not a hook of snn_harness; see docs/plugins.md)") from exc
 
 
 def _normalize(dist_name: str) -> str:

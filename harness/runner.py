@@ -27,6 +27,14 @@ class DivergedError(HarnessError):
     """The loss or a parameter became non-finite."""
 
 
+class CellInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a cell; carries the cell's (killed) result to the session."""
+
+    def __init__(self, result: CellResult) -> None:
+        super().__init__(f"interrupted during cell {result.label}")
+        self.result = result
+
+
 @dataclass
 class CellResult:
     cell_id: str
@@ -109,11 +117,11 @@ def run_cell(cell: Cell, registry: Registry, hook: Any) -> CellResult:
     try:
         _train(cell, registry, hook, result)
         result.status = "finished"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         result.status = "killed"
         result.duration_s = time.perf_counter() - start
         hook.on_cell_end(cell=cell, result=result)
-        raise
+        raise CellInterrupted(result) from exc
     except Exception as exc:  # isolation: one bad cell never takes down the matrix
         result.status = "failed"
         result.error = traceback.format_exc()

@@ -59,8 +59,11 @@ def run_matrix(run: MatrixRun, registry: Registry, hook: Any, executor: Executor
     try:
         for result in executor.map(functools.partial(run_cell, registry=registry, hook=hook), run.matrix.cells):
             results.append(result)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         run.interrupted = True
+        killed = getattr(exc, "result", None)  # runner.CellInterrupted carries the killed cell
+        if killed is not None:
+            results.append(killed)
         raise
     finally:
         hook.on_matrix_end(run=run, results=results)

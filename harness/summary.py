@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 LEAD = ["cell_id", "label", "status"]
-METRICS = ["test_top1", "best_test_top1", "train_top1", "train_loss", "test_loss", "epochs", "duration_s"]
+METRICS = ["test_top1", "best_test_top1", "train_top1", "train_loss", "test_loss", "epochs_completed", "duration_s"]
 TRAIL = ["error_type"]
 PERCENT = {"test_top1", "best_test_top1", "train_top1"}
 
@@ -90,7 +90,7 @@ def format_value(column: str, value: Any) -> str:
         return str(value)
     if column in PERCENT:
         return f"{100 * number:.2f}%"
-    if column == "epochs":
+    if column == "epochs_completed":
         return str(int(number))
     if column.endswith("_s"):
         return f"{number:.1f}"
@@ -108,6 +108,7 @@ def _title(column: str) -> str:
         "train_loss": "train loss",
         "test_loss": "test loss",
         "duration_s": "time (s)",
+        "epochs_completed": "epochs done",
         "error_type": "error",
     }.get(column, column)
 

@@ -66,8 +66,8 @@ def report_rows(uri: str, experiment: str, matrix_name: str) -> list[dict[str, A
         axes_names = [a for a in tags.get(TAG_AXES, "").split(",") if a]
         axes = {a: data.params.get(_param_for_axis(a), "") for a in axes_names}
         metrics = dict(data.metrics)
-        if "epochs_completed" in metrics:
-            metrics["epochs"] = metrics["epochs_completed"]
+        if "harness.duration_s" in tags:
+            metrics["duration_s"] = tags["harness.duration_s"]
         rows.append(
             row_for(
                 tags.get(TAG_CELL_ID, run.info.run_id),

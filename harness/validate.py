@@ -63,6 +63,10 @@ def check(value: Any, hint: Any) -> Any:
     if origin in (list, tuple, collections.abc.Sequence):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"expected {describe(hint)}, got {value!r}")
+        if origin is tuple and args and Ellipsis not in args:  # fixed length: tuple[float, float]
+            if len(value) != len(args):
+                raise TypeError(f"expected a list of {len(args)} values ({', '.join(describe(a) for a in args)}), got {value!r}")
+            return tuple(check(v, a) for v, a in zip(value, args))
         item = [a for a in args if a is not Ellipsis]
         items = [check(v, item[0]) for v in value] if item else list(value)
         return tuple(items) if origin is tuple else items

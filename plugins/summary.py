@@ -22,7 +22,7 @@ class SummaryWriter:
     @hookimpl
     def on_cell_end(self, cell: Any, result: Any) -> None:
         metrics = dict(result.metrics)
-        metrics["epochs"] = result.epochs_completed
+        metrics["epochs_completed"] = result.epochs_completed
         metrics["duration_s"] = round(result.duration_s, 2)
         self.rows.append(row_for(cell.id, cell.label, result.status, cell.axes, metrics, error_type=result.error_type or ""))
         write_summary(self.run.output_dir, self.rows, title=f"Matrix {self.run.matrix.name}")

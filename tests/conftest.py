@@ -13,6 +13,12 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _no_ambient_tracking_uri(monkeypatch):
+    """A test that points MLflow somewhere must not redirect the next test's runs."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def registry():
     from harness import get_registry

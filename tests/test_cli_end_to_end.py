@@ -71,16 +71,16 @@ def test_a_failing_cell_does_not_stop_the_matrix_and_sets_exit_code_1(finished_m
     assert failed["error_type"] == "DatasetNotFoundError"
     finished = [r for r in rows if r["status"] == "finished"]
     assert all(float(r["test_top1"]) > 0.3 for r in finished)  # two short epochs already learn
-    assert all(r["epochs"] == "2" for r in finished)
+    assert all(r["epochs_completed"] == "2" for r in finished)
     md = (finished_matrix["results"] / "e2e" / "summary.md").read_text()
     assert "| cell | status | dataset | seed | test top-1 |" in md
 
 
-def test_mlflow_has_one_parent_and_a_child_per_cell_with_params_metrics_and_tags(finished_matrix):
+def test_mlflow_has_one_parent_and_a_child_per_cell_with_params_metrics_and_tags(finished_matrix, monkeypatch):
     import mlflow
 
     uri = finished_matrix["uri"]
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # for mlflow's fluent API; undone after the test
     runs = mlflow.search_runs(experiment_names=["snn-harness"], output_format="pandas")
     parents = runs[runs["tags.harness.kind"] == "matrix"]
     children = runs[runs["tags.harness.kind"] == "cell"]
@@ -244,11 +244,17 @@ def _with_test_plugin(monkeypatch, **hooks):
 def test_interrupt_marks_the_cell_killed_and_exits_2(tmp_path, monkeypatch, tiny_matrix):
     from harness import hookimpl
 
+    ended = []
+
     class Interrupter:
         @hookimpl
         def on_batch_end(self, cell, phase, batch, num_batches):
             if batch == 2:
                 raise KeyboardInterrupt
+
+        @hookimpl
+        def on_matrix_end(self, run, results):
+            ended.append((run.interrupted, [r.status for r in results]))
 
     @hookimpl
     def register_observers(observers):
@@ -266,6 +272,7 @@ def test_interrupt_marks_the_cell_killed_and_exits_2(tmp_path, monkeypatch, tiny
     assert by_kind["matrix"].info.status == "KILLED"
     rows = list(csv.DictReader((results / "tiny" / "summary.csv").open()))
     assert [r["status"] for r in rows] == ["killed"]
+    assert ended == [(True, ["killed"])]  # observers learn of the killed cell
 
 
 def test_a_plugin_bug_outside_cells_is_an_internal_error_exit_3(tmp_path, monkeypatch, capsys, tiny_matrix):
@@ -284,3 +291,9 @@ def test_a_plugin_bug_outside_cells_is_an_internal_error_exit_3(tmp_path, monkey
     path = tiny_matrix("[matrix]\nseed = [0, 1]\n")
     assert main(["run", "--matrix", str(path), "--results", str(tmp_path / "r")]) == ExitCode.INTERNAL_ERROR
     assert "RuntimeError: observer bug" in capsys.readouterr().err
+
+
+def test_argparse_usage_errors_exit_4(capsys):
+    assert main(["run"]) == ExitCode.USAGE_ERROR
+    assert "the following arguments are required: --matrix" in capsys.readouterr().err
+    assert main(["frobnicate"]) == ExitCode.USAGE_ERROR

@@ -334,7 +334,7 @@ def test_observer_example(doc: str, tmp_path: Path) -> None:
     assert len(ours) == 1, "the example should register one observer"
     (observer,) = ours
     assert pm.get_name(observer).startswith("worked_observer.")
-    # Every @hookimpl method names a real hook (the harness does not check observers' names).
+    # Every @hookimpl method names a real hook (register_observers would refuse it otherwise).
     for _, impl in inspect.getmembers(type(observer)):
         if getattr(impl, f"{hookspecs.PROJECT_NAME}_impl", None) is not None:
             assert impl.__name__ in hookspec_functions(), impl.__name__

@@ -253,3 +253,39 @@ def test_seeds_in_defaults_is_a_seed_axis(write_toml, catalog):
         load_matrix(write_toml(BASE + "seeds = [3, 4]\nseed = 1\n"), catalog)
     with pytest.raises(ConfigError, match="'seeds' must be a non-empty list of integers"):
         load_matrix(write_toml(BASE + "seeds = 3\n"), catalog)
+
+
+def test_option_axes_are_checked_like_option_tables(write_toml, catalog):
+    with pytest.raises(ConfigError, match=r"\[matrix\] axis 'options.normalizer.bnn.momentum': unknown normalizer 'bnn'.*did you mean 'bn'"):
+        load_matrix(write_toml(BASE + '\n[matrix]\n"options.normalizer.bnn.momentum" = [0.1, 0.2]\n'), catalog)
+    with pytest.raises(ConfigError, match=r"axis 'options.normalizer.bn.momentum'.*expected a number, got 'x'"):
+        load_matrix(write_toml(BASE + '\n[matrix]\n"options.normalizer.bn.momentum" = [0.1, "x"]\n'), catalog)
+    with pytest.raises(ConfigError, match=r"unknown option 'momentun' of normalizer 'bn'"):
+        load_matrix(write_toml(BASE + '\n[matrix]\n"options.normalizer.bn.momentun" = [0.1]\n'), catalog)
+
+
+def test_exclude_rules_that_match_nothing_are_errors(write_toml, catalog):
+    text = BASE + "\n[matrix]\nseed = [0, 1]\n[[exclude]]\nseed = 5\n"
+    with pytest.raises(ConfigError, match=r"\[\[exclude\]\] number 1 \(seed = 5\) matches no cell of the matrix"):
+        load_matrix(write_toml(text), catalog)
+    with pytest.raises(ConfigError, match=r"unknown key 'optimizer' in \[\[exclude\]\] number 1"):
+        load_matrix(write_toml(BASE + "\n[matrix]\nseed = [0, 1]\n[[exclude]]\noptimizer = {lr = 0.1}\n"), catalog)
+
+
+def test_a_nested_axis_over_a_scalar_default_is_a_config_error(write_toml, catalog):
+    text = BASE + 'optimizer = "adam"\n[matrix]\n"optimizer.lr" = [0.1, 0.2]\n'
+    with pytest.raises(ConfigError, match=r"\[defaults\] key 'optimizer' must be a table \(\[defaults.optimizer\]\) for the axis 'optimizer.lr', got 'adam'"):
+        load_matrix(write_toml(text), catalog)
+
+
+def test_fixed_length_tuples_are_checked(write_toml, catalog):
+    with pytest.raises(ConfigError, match=r"key 'optimizer.betas': expected a list of 2 values \(a number, a number\), got \[0.9\]"):
+        load_matrix(write_toml(BASE + "\n[defaults.optimizer]\nbetas = [0.9]\n"), catalog)
+    m = load_matrix(write_toml(BASE + "\n[defaults.optimizer]\nbetas = [0.8, 1]\n"), catalog)
+    assert m.cells[0].config.optimizer.betas == (0.8, 1.0)
+
+
+def test_resolved_options_do_not_share_the_factorys_default_objects(write_toml, catalog):
+    m = load_matrix(write_toml(BASE), catalog)
+    channels = m.cells[0].config.model.options["channels"]
+    assert channels == [8] and channels is not _net.__defaults__[0]

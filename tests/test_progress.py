@@ -32,7 +32,6 @@ def _drive(display: ProgressDisplay) -> None:
     display.on_matrix_start(run)
     display.on_cell_start(cell, {"device": "cpu", "num_parameters": 10})
     for epoch in (1, 2):
-        display.on_epoch_start(cell, epoch, 3, 1)
         for b in (1, 2, 3):
             display.on_batch_end(cell, "train", b, 3)
         display.on_batch_end(cell, "test", 1, 1)

@@ -86,7 +86,7 @@ def test_misspelled_hook_fails_at_start_up():
     def register_normalisers(registry):  # British spelling: not a hook
         pass
 
-    with pytest.raises(Exception, match="register_normalisers"):
+    with pytest.raises(PluginError, match=r"plugin 'typo': unknown hook 'register_normalisers'.*not a hook of snn_harness"):
         get_plugin_manager(extra_plugins=[(_plugin("typo", register_normalisers=register_normalisers), "typo")])
 
 

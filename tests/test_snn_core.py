@@ -99,14 +99,23 @@ def test_gradient_through_membrane_and_detached_variants():
     assert grad_first_input(detach_membrane=True) == 0.0
 
 
-def test_reset_detach_changes_gradient_only_when_a_spike_resets():
-    def grads(detach_reset):
+@pytest.mark.parametrize("x0", [1.2, 0.4])  # fires at t = 1, or not
+def test_detach_reset_removes_the_reset_terms_surrogate_gradient(x0):
+    def grad(detach_reset):
         lif = LIFNeuron(FixedThreshold(1.0), tau=2.0, detach_reset=detach_reset)
-        x = torch.tensor([[1.2], [0.5]], requires_grad=True)
+        x = torch.tensor([[x0], [0.5]], requires_grad=True)
         run_sequence(lif, x)[1].sum().backward()
         return x.grad[0].item()
 
-    assert grads(True) != grads(False)
+    def sg(v):
+        s = torch.sigmoid(torch.tensor(4.0 * v)).item()
+        return 4.0 * s * (1 - s)
+
+    # Soft reset v1 = u1 - s1*theta, u2 = 0.5*v1 + 0.5, s2 = H(u2 - 1).
+    u1 = x0
+    u2 = 0.5 * (u1 - (1.0 if u1 >= 1.0 else 0.0)) + 0.5
+    assert grad(True) == pytest.approx(sg(u2 - 1) * 0.5, rel=1e-5)  # dv1/du1 = 1
+    assert grad(False) == pytest.approx(sg(u2 - 1) * 0.5 * (1 - sg(u1 - 1)), rel=1e-5)  # dv1/du1 = 1 - sg*theta
 
 
 def test_lif_rejects_bad_parameters():
@@ -263,3 +272,13 @@ def test_spiking_sequential_refuses_plain_containers_of_neurons():
         SpikingSequential(nn.Sequential(nn.Linear(2, 2), _lif("soft")))
     nested = SpikingSequential(SpikingSequential(nn.Linear(2, 2), _lif("soft")), nn.Linear(2, 3))
     assert run_sequence(nested, torch.randn(4, 5, 2)).shape == (4, 5, 3)
+
+
+def test_a_sequence_only_threshold_policy_still_loops_over_time():
+    class SeqOnlyPolicy(FixedThreshold):
+        step_modes = frozenset({"sequence"})
+
+    lif = LIFNeuron(SeqOnlyPolicy(1.0), tau=2.0)
+    assert lif.step_modes == frozenset({"sequence"})
+    out = run_sequence(lif, torch.tensor(X).view(5, 1, 1), "sequence")
+    assert out.flatten().tolist() == TRACES["soft"][1]

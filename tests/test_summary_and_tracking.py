@@ -41,6 +41,11 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert resolve_tracking_uri(tmp_path) == "http://127.0.0.1:1"
     assert resolve_tracking_uri(tmp_path, cli="http://h:2") == "http://h:2"
+    from harness.matrix import Matrix, TrackingConfig
+
+    matrix = Matrix("m", "m.toml", "", {}, [], [], 0, 0, TrackingConfig(uri="http://from-toml:3"))
+    assert resolve_tracking_uri(tmp_path, matrix=matrix) == "http://from-toml:3"  # the TOML beats the environment
+    assert resolve_tracking_uri(tmp_path, cli="http://h:2", matrix=matrix) == "http://h:2"  # the flag beats both
     monkeypatch.chdir(tmp_path)
     assert resolve_tracking_uri(tmp_path, cli="sqlite:///rel/m.db") == f"sqlite:///{tmp_path.resolve()}/rel/m.db"
 

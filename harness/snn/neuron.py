@@ -86,6 +86,16 @@ class LIFNeuron(SequenceModule):
     def end_sequence(self) -> None:
         self.v = None  # drop the last step's graph
 
+    def forward_sequence(self, x: Tensor) -> Tensor:
+        # A neuron always loops over time, whatever step modes its threshold policy declares
+        # (those only decide which trainers the cell may use).
+        outputs = []
+        for t in range(x.shape[0]):
+            self.t = t
+            outputs.append(self.forward_step(x[t]))
+        self.t = x.shape[0]
+        return torch.stack(outputs)
+
     def forward_step(self, x: Tensor) -> Tensor:
         v = self.v
         if v is None:

@@ -1,0 +1,65 @@
+"""The runner without MLflow: seeding makes a cell reproducible, hooks fire in order."""
+
+from __future__ import annotations
+
+from harness.config import CellConfig, Component, OptimizerConfig
+from harness.matrix import Cell
+from harness.runner import run_cell
+
+
+class Recorder:
+    """Stands in for the plugin manager's hook relay: records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    def __getattr__(self, name):
+        return lambda **kw: self.calls.append((name, kw))
+
+
+def _cell(seed: int, **kw) -> Cell:
+    cfg = CellConfig(
+        dataset=Component("digits", {"test_fraction": 0.2, "split_seed": 0}),
+        model=Component("vgg_small", {"channels": [4, 8]}),
+        normalizer=Component("vanilla_bn", {"eps": 1e-5, "momentum": 0.1, "affine": True}),
+        threshold=Component("fixed", {"theta": 1.0}),
+        trainer=Component("bptt", {"max_grad_norm": 0.0}),
+        loss=Component("tet", {"mse_weight": 0.05}),
+        epochs=2, batch_size=64, time_steps=2, seed=seed, train_subset=384,
+        optimizer=OptimizerConfig(lr=0.05), **kw,
+    )
+    return Cell(id=f"c{seed}", index=0, config=cfg, axes={"seed": seed})
+
+
+def test_same_seed_gives_identical_metrics_and_another_seed_differs(registry):
+    a = run_cell(_cell(0), registry, Recorder())
+    b = run_cell(_cell(0), registry, Recorder())
+    c = run_cell(_cell(1), registry, Recorder())
+    assert a.status == b.status == c.status == "finished", a.error
+    keys = ("train_loss", "train_top1", "test_loss", "test_top1")
+    assert [a.metrics[k] for k in keys] == [b.metrics[k] for k in keys]
+    assert [a.metrics[k] for k in keys] != [c.metrics[k] for k in keys]
+
+
+def test_hooks_fire_in_order_with_metrics(registry):
+    hook = Recorder()
+    result = run_cell(_cell(0), registry, hook)
+    names = [n for n, _ in hook.calls]
+    assert names[0] == "on_cell_start" and names[-1] == "on_cell_end"
+    assert names.count("on_epoch_start") == names.count("on_epoch_end") == 2
+    train_batches = [kw for n, kw in hook.calls if n == "on_batch_end" and kw["phase"] == "train"]
+    assert len(train_batches) == 2 * 6 and train_batches[-1]["batch"] == train_batches[-1]["num_batches"] == 6
+    epoch_metrics = [kw["metrics"] for n, kw in hook.calls if n == "on_epoch_end"]
+    assert [m["lr"] for m in epoch_metrics] == [0.05, 0.025]  # cosine over 2 epochs, logged per epoch
+    assert epoch_metrics[-1]["test_top1"] == result.metrics["test_top1"]
+    assert hook.calls[0][1]["info"]["train_size"] == 384 and hook.calls[0][1]["info"]["num_parameters"] > 0
+
+
+def test_an_exception_in_a_cell_is_a_failed_result_with_its_traceback(registry):
+    hook = Recorder()
+    bad = _cell(0)
+    bad = Cell(bad.id, 0, CellConfig(**{**bad.config.__dict__, "model": Component("vgg_small", {"channels": []})}), bad.axes)
+    result = run_cell(bad, registry, hook)
+    assert result.status == "failed" and result.error_type == "ValueError"
+    assert "vgg_small needs at least one stage" in result.error
+    assert hook.calls[-1][0] == "on_cell_end" and hook.calls[-1][1]["result"] is result

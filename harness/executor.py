@@ -7,7 +7,8 @@ picklable values for that reason.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import MappingProxyType
 from typing import Protocol, TypeVar
 
 C = TypeVar("C")
@@ -29,4 +30,4 @@ class SerialExecutor:
             yield fn(cell)
 
 
-EXECUTORS: dict[str, Callable[[], Executor]] = {"serial": SerialExecutor}
+EXECUTORS: Mapping[str, Callable[[], Executor]] = MappingProxyType({"serial": SerialExecutor})

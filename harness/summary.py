@@ -10,7 +10,7 @@ from typing import Any
 
 LEAD = ["cell_id", "label", "status"]
 METRICS = ["test_top1", "best_test_top1", "train_top1", "train_loss", "test_loss", "epochs_completed", "duration_s"]
-TRAIL = ["error_type"]
+TRAIL = ["error_type", "run_id"]
 PERCENT = {"test_top1", "best_test_top1", "train_top1"}
 
 

@@ -89,12 +89,7 @@ class LIFNeuron(SequenceModule):
     def forward_sequence(self, x: Tensor) -> Tensor:
         # A neuron always loops over time, whatever step modes its threshold policy declares
         # (those only decide which trainers the cell may use).
-        outputs = []
-        for t in range(x.shape[0]):
-            self.t = t
-            outputs.append(self.forward_step(x[t]))
-        self.t = x.shape[0]
-        return torch.stack(outputs)
+        return self.loop_steps(x)
 
     def forward_step(self, x: Tensor) -> Tensor:
         v = self.v

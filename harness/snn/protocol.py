@@ -74,6 +74,10 @@ class SequenceModule(SequenceAware, nn.Module):
     def forward_sequence(self, x: Tensor) -> Tensor:
         if "single" not in self.step_modes:
             raise NotImplementedError(f"{type(self).__name__} must implement forward_sequence")
+        return self.loop_steps(x)
+
+    def loop_steps(self, x: Tensor) -> Tensor:
+        """Run :meth:`forward_step` on each step of ``x`` ``[T, B, ...]``, keeping ``self.t`` current."""
         outputs = []
         for t in range(x.shape[0]):
             self.t = t

@@ -20,7 +20,7 @@ from harness.data import DatasetBundle, to_sequence, train_subset
 from harness.errors import HarnessError
 from harness.matrix import Cell
 from harness.registry import Registry
-from harness.snn import LayerFactory, LIFNeuron
+from harness.snn import LayerFactory, LIFNeuron, collect_epoch_metrics
 
 
 class DivergedError(HarnessError):
@@ -167,6 +167,7 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult) -> Non
                            lambda x, y: trainer.train_batch(model, x, y, loss_fn, optimizer))
         if not math.isfinite(train["loss"]):
             raise DivergedError(f"diverged at epoch {epoch}: training loss is {train['loss']}")
+        module_metrics = collect_epoch_metrics(model)  # e.g. OSR's fallback rate, from training steps
         test = _run_epoch(cell, "test", test_loader, device, data.temporal, hook,
                           lambda x, y: trainer.eval_batch(model, x, y, loss_fn))
         if scheduler is not None:
@@ -180,6 +181,7 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult) -> Non
             "best_test_top1": best,
             "epoch_time_s": time.perf_counter() - t0,
             "lr": lr,
+            **module_metrics,
         }
         result.metrics = metrics
         result.epochs_completed = epoch

@@ -1,6 +1,9 @@
-"""Built-in normalizers: ``vanilla_bn`` (per-step batch normalization, METHOD.md section 4)."""
+"""Built-in normalizers: ``vanilla_bn`` (per-step batch normalization, METHOD.md section 4) and
+``osr`` (Online Spiking Renormalization, paper Eqs. 8-15, Algorithms 1-2, METHOD.md section 5)."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -88,6 +91,156 @@ class VanillaBatchNorm(SequenceModule):
         return self._normalize(x, 2, (1, *range(3, x.ndim)))
 
 
+class OnlineSpikingRenormalization(SequenceModule):
+    """Online Spiking Renormalization, OSR (paper Eqs. 8-15, Algorithms 1-2; METHOD.md section 5).
+
+    Training, at each step ``t``, with ``mu[t]``, ``var[t]`` the per-channel batch mean and biased
+    variance of ``I[t]`` (Eq. 13) and ``Î[t] = (I[t] - mu[t]) / sqrt(var[t] + eps)``::
+
+        Ĩ[t] = gamma * ( Î[t] * ng(sqrt(var[t] + eps) / sqrt(run_var + eps))
+                         + ng((mu[t] - run_mean) / sqrt(run_var + eps)) ) + beta      (Eq. 9)
+
+    ``ng`` = no gradient. The value equals the inference transform
+    ``gamma * (I[t] - run_mean) / sqrt(run_var + eps) + beta`` (Eq. 8); the gradient flows
+    through the batch normalization ``Î[t]`` (Eqs. 10-12). All-time statistics online
+    (Eqs. 14-15): ``M += mu[t]/T``, ``S += (var[t] + mu[t]^2)/T``; at ``t = T``: ``S -= M^2`` and
+    ``run += momentum * (new - run)`` (PyTorch's 0.1 is the paper's 0.9).
+
+    Options:
+
+    * ``fallback_ratio``: the official code normalizes a whole layer at one step with the plain
+      batch statistics while running and batch standard deviations are more than this many
+      times apart (20 for static images, 50 for DVS data; ``"none"`` disables it). Here the
+      backward of such a step is that of plain BN (the official code keeps the OSR backward).
+      The fraction of steps that fell back is reported per epoch (:meth:`epoch_metrics`).
+    * ``mode = "linear"``: the "linear transformation only" ablation (Appendix E): Eq. 8 in
+      training with no batch normalization inside (trains badly, as the paper reports).
+    * ``gamma_grad = "official"``: the official CUDA path's gamma gradient, which omits the factor
+      ``sqrt(var[t]+eps)/sqrt(run_var+eps)`` on its first term; ``"paper"`` (autograd of Alg. 1).
+
+    Running buffers start at mean 0, variance 1 (official code); eps = 1e-4 (official code).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-4,
+        momentum: float = 0.1,
+        fallback_ratio: float | Literal["none"] = 20.0,
+        mode: Literal["renorm", "linear"] = "renorm",
+        gamma_grad: Literal["paper", "official"] = "paper",
+        affine: bool = True,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        if fallback_ratio != "none" and not (isinstance(fallback_ratio, (int, float)) and fallback_ratio > 1.0):
+            raise ValueError(f"fallback_ratio must be a number > 1 or 'none', got {fallback_ratio!r}")
+        if mode not in ("renorm", "linear"):
+            raise ValueError(f"mode must be 'renorm' or 'linear', got {mode!r}")
+        if gamma_grad not in ("paper", "official"):
+            raise ValueError(f"gamma_grad must be 'paper' or 'official', got {gamma_grad!r}")
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.fallback_ratio = None if fallback_ratio == "none" else float(fallback_ratio)
+        self.mode, self.gamma_grad = mode, gamma_grad
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self._m: Tensor | None = None  # all-time mean accumulator M (Eq. 14)
+        self._s: Tensor | None = None  # all-time second-moment accumulator S (Eq. 15)
+        self._fallback_steps = 0
+        self._steps = 0
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, fallback_ratio={self.fallback_ratio}, "
+            f"mode={self.mode!r}, gamma_grad={self.gamma_grad!r}"
+        )
+
+    # -- sequence bookkeeping --------------------------------------------------------------------
+    def begin_sequence(self, time_steps: int) -> None:
+        self._m = self._s = None  # Alg. 2: at t = 1, M = 0 and S = 0
+
+    def end_sequence(self) -> None:
+        if self.training and self._m is not None:
+            with torch.no_grad():  # Alg. 2, step 3, at t = T
+                var = self._s - self._m.square()
+                self.running_mean.lerp_(self._m, self.momentum)
+                self.running_var.lerp_(var, self.momentum)
+                self.num_batches_tracked += 1
+        self._m = self._s = None
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """Fraction of training steps since the last call that fell back to batch statistics."""
+        out = {"osr_fallback_rate": self._fallback_steps / self._steps} if self._steps else {}
+        self._fallback_steps = self._steps = 0
+        return out
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward_step(self, x: Tensor) -> Tensor:
+        return self._forward(x, 1, (0, *range(2, x.ndim)))  # x: [B, C, ...]
+
+    def forward_sequence(self, x: Tensor) -> Tensor:
+        return self._forward(x, 2, (1, *range(3, x.ndim)))  # x: [T, B, C, ...]: stats per step
+
+    def _view(self, t: Tensor, x: Tensor, channel_dim: int) -> Tensor:
+        return _channel_view(t, x.ndim, channel_dim)
+
+    def _forward(self, x: Tensor, channel_dim: int, stat_dims: tuple[int, ...]) -> Tensor:
+        run_mean = self._view(self.running_mean, x, channel_dim)
+        run_std = torch.sqrt(self._view(self.running_var, x, channel_dim) + self.eps)
+        gamma = self._view(self.weight, x, channel_dim) if self.weight is not None else None
+        beta = self._view(self.bias, x, channel_dim) if self.bias is not None else None
+
+        def affine(y: Tensor, g: Tensor | None = gamma) -> Tensor:
+            return y if g is None else y * g + beta
+
+        if not self.training:
+            return affine((x - run_mean) / run_std)  # Eq. 8 / Alg. 1, inference
+
+        var, mean = torch.var_mean(x, dim=stat_dims, correction=0, keepdim=True)  # Eq. 13
+        self._accumulate(mean.detach(), var.detach())
+        if self.mode == "linear":  # Appendix E ablation: Eq. 8 in training, no BN inside
+            return affine((x - run_mean) / run_std)
+
+        batch_std = torch.sqrt(var + self.eps)
+        x_hat = (x - mean) / batch_std
+        ratio = (batch_std / run_std).detach()  # ng(sqrt(var[t]+eps) / sqrt(run_var+eps))
+        shift = ((mean - run_mean) / run_std).detach()  # ng((mu[t] - run_mean) / sqrt(run_var+eps))
+        if self.gamma_grad == "official" and gamma is not None:
+            # Same value; dL/dgamma = sum dL/dĨ * (Î + shift) (no ratio factor), dL/dI unchanged.
+            y = gamma * (x_hat + shift) + gamma.detach() * x_hat * (ratio - 1.0) + beta
+        else:
+            y = affine(x_hat * ratio + shift)  # Eq. 9
+        if self.fallback_ratio is None:
+            self._steps += self._count_steps(x, channel_dim)
+            return y
+        # Official code: where running and batch scales are > N-fold apart, plain batch statistics
+        # for the whole layer at that step (var[t] = 0 gives sqrt(eps)/sqrt(run_var+eps): no NaN).
+        per_step = tuple(range(x.ndim)) if channel_dim == 1 else tuple(range(1, x.ndim))  # max over channels
+        spread = torch.maximum(ratio, 1.0 / ratio).amax(dim=per_step, keepdim=True)
+        fallback = spread > self.fallback_ratio
+        self._fallback_steps += int(fallback.sum())
+        self._steps += self._count_steps(x, channel_dim)
+        return torch.where(fallback, affine(x_hat), y)
+
+    @staticmethod
+    def _count_steps(x: Tensor, channel_dim: int) -> int:
+        return 1 if channel_dim == 1 else x.shape[0]
+
+    def _accumulate(self, mean: Tensor, var: Tensor) -> None:
+        # Eqs. 14-15: per-step stats are [C] (one step) or [T, C] (sequence).
+        mu = mean.reshape(-1, self.num_features)
+        v = var.reshape(-1, self.num_features)
+        m = mu.sum(0) / self.time_steps
+        s = (v + mu.square()).sum(0) / self.time_steps
+        self._m = m if self._m is None else self._m + m
+        self._s = s if self._s is None else self._s + s
+
+
 @hookimpl
 def register_normalizers(registry) -> None:
     registry.add("vanilla_bn", VanillaBatchNorm)
+    registry.add("osr", OnlineSpikingRenormalization)

@@ -1,7 +1,11 @@
-"""Built-in threshold policies: ``fixed`` (a constant threshold theta, Eq. 3)."""
+"""Built-in threshold policies: ``fixed`` (a constant threshold theta, Eq. 3) and ``ots``
+(Online Threshold Stabilizer, Eq. 16, Algorithm 1 step 4; METHOD.md section 6)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
+import torch
 from torch import Tensor
 
 from harness import hookimpl
@@ -24,6 +28,85 @@ class FixedThreshold(ThresholdPolicy):
         return self.theta
 
 
+class OnlineThresholdStabilizer(ThresholdPolicy):
+    """Online Threshold Stabilizer, OTS (Eq. 16; METHOD.md section 6).
+
+    The membrane potential of a layer at step ``t`` (after charging, before firing) is taken as
+    Gaussian with layer-wide scalar mean ``mu[t]`` and standard deviation ``sigma[t]`` (over all
+    neurons and the batch, computed without gradient; ``torch.std`` as in the official code).
+    The firing quantile is kept constant across the steps of a sequence::
+
+        theta[1] = theta,   r = (theta - mu[1]) / sigma[1],   theta[t] = mu[t] + sigma[t] * r
+
+    ``eval_threshold = "dynamic"`` (the official code) recomputes thresholds from each test
+    batch; ``"running"`` keeps per-step running thresholds (EMA with ``momentum`` over training
+    sequences, in the state dict) and uses them at inference, so a test result does not depend
+    on the test batch (Appendix E). Steps beyond the trained ``T`` use the last running threshold.
+    """
+
+    def __init__(
+        self,
+        theta: float = 1.0,
+        eval_threshold: Literal["dynamic", "running"] = "dynamic",
+        momentum: float = 0.1,
+        min_std: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if theta <= 0:
+            raise ValueError(f"theta must be positive, got {theta}")
+        if eval_threshold not in ("dynamic", "running"):
+            raise ValueError(f"eval_threshold must be 'dynamic' or 'running', got {eval_threshold!r}")
+        self.theta, self.eval_threshold, self.momentum, self.min_std = theta, eval_threshold, momentum, min_std
+        self.register_buffer("running_theta", torch.zeros(0))  # [T] once trained
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self._r: Tensor | None = None
+        self._thetas: list[Tensor] = []
+
+    def extra_repr(self) -> str:
+        return f"theta={self.theta}, eval_threshold={self.eval_threshold!r}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        key = prefix + "running_theta"
+        if key in state_dict:  # its length is the trained T, unknown at construction
+            self.running_theta = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def begin_sequence(self, time_steps: int) -> None:
+        self._r = None
+        self._thetas = []
+
+    def end_sequence(self) -> None:
+        if self.training and self._thetas and len(self._thetas) == self.time_steps:
+            with torch.no_grad():
+                thetas = torch.stack(self._thetas).to(self.running_theta.dtype)
+                if self.running_theta.numel() != thetas.numel() or int(self.num_batches_tracked) == 0:
+                    self.running_theta = thetas.clone()
+                    self.num_batches_tracked.zero_()
+                else:
+                    self.running_theta.lerp_(thetas, self.momentum)
+                self.num_batches_tracked += 1
+        self._thetas = []
+
+    @torch.no_grad()
+    def forward(self, u: Tensor, t: int) -> Tensor:
+        if not self.training and self.eval_threshold == "running":
+            if self.running_theta.numel() == 0:
+                raise RuntimeError("ots: eval_threshold = 'running' but no running thresholds were trained")
+            return self.running_theta[min(t, self.running_theta.numel() - 1)]
+        u = u.detach()
+        mu = u.mean()
+        sigma = u.std().clamp_min(self.min_std) if u.numel() > 1 else u.new_tensor(self.min_std)
+        if t == 0 or self._r is None:
+            self._r = (self.theta - mu) / sigma  # the quantile of theta[1] = theta
+            theta = u.new_tensor(self.theta)
+        else:
+            theta = mu + sigma * self._r  # Eq. 16
+        if self.training:
+            self._thetas.append(theta)
+        return theta
+
+
 @hookimpl
 def register_thresholds(registry) -> None:
     registry.add("fixed", FixedThreshold)
+    registry.add("ots", OnlineThresholdStabilizer)

@@ -87,21 +87,44 @@ class SequenceModule(SequenceAware, nn.Module):
 
 
 class TimeDistributed(SequenceModule):
-    """Runs a stateless module on every step; in sequence mode once, on ``[T*B, ...]``."""
+    """Runs a stateless module on every step; in sequence mode once, on ``[T*B, ...]``.
+
+    With ``trace_decay = lambda`` (set by OTTT-style online trainers on synapses that receive
+    spikes), one step computes ``module(s[t])`` in value while the weight gradient uses the
+    presynaptic trace ``a[t] = lambda * a[t-1] + s[t]`` (tracked without gradient) in place of
+    ``s[t]``: ``y = module(a) + module_no_bias(s - a; W detached)``, so ``dL/dW = g[t] a[t]^T``
+    and ``dL/ds[t] = W^T g[t]`` (OTTT, Xiao et al. 2022; METHOD.md section 7).
+    """
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self.module = module
+        self.trace_decay: float | None = None
+        self._trace: Tensor | None = None
+
+    def begin_sequence(self, time_steps: int) -> None:
+        self._trace = None
+
+    def end_sequence(self) -> None:
+        self._trace = None
 
     def forward_step(self, x: Tensor) -> Tensor:
-        return self.module(x)
+        if self.trace_decay is None or not torch.is_grad_enabled():
+            return self.module(x)
+        s = x.detach()
+        a = s if self._trace is None else self.trace_decay * self._trace + s
+        self._trace = a
+        frozen = {name: p.detach() for name, p in self.module.named_parameters()}
+        if "bias" in frozen:
+            frozen["bias"] = torch.zeros_like(frozen["bias"])
+        return self.module(a) + torch.func.functional_call(self.module, frozen, (x - a,))
 
     def forward_sequence(self, x: Tensor) -> Tensor:
         y = self.module(x.flatten(0, 1))
         return y.unflatten(0, x.shape[:2])
 
-    def forward(self, x: Tensor) -> Tensor:  # stateless: no step counting needed
-        return self.module(x) if self.step_mode == "single" else self.forward_sequence(x)
+    def forward(self, x: Tensor) -> Tensor:  # no step counting needed
+        return self.forward_step(x) if self.step_mode == "single" else self.forward_sequence(x)
 
 
 class SpikingSequential(nn.Sequential):
@@ -159,6 +182,22 @@ def end_sequence(model: nn.Module) -> None:
     """Tell every stateful module that the sequence ended."""
     for m in sequence_modules(model):
         m.end_sequence()
+
+
+def collect_epoch_metrics(model: nn.Module) -> dict[str, float]:
+    """Gather what modules report once per epoch (``module.epoch_metrics() -> dict``, which also
+    resets their counters): ``key/<module path>`` per module and ``key`` averaged over modules."""
+    out: dict[str, float] = {}
+    groups: dict[str, list[float]] = {}
+    for name, m in model.named_modules():
+        report = getattr(m, "epoch_metrics", None)
+        if not callable(report):
+            continue
+        for key, value in report().items():
+            out[f"{key}/{name or 'model'}"] = float(value)
+            groups.setdefault(key, []).append(float(value))
+    out.update({k: sum(v) / len(v) for k, v in groups.items()})
+    return out
 
 
 def run_sequence(model: nn.Module, x_seq: Tensor, mode: str = "sequence") -> Tensor:

@@ -63,3 +63,24 @@ def test_an_exception_in_a_cell_is_a_failed_result_with_its_traceback(registry):
     assert result.status == "failed" and result.error_type == "ValueError"
     assert "vgg_small needs at least one stage" in result.error
     assert hook.calls[-1][0] == "on_cell_end" and hook.calls[-1][1]["result"] is result
+
+
+def test_online_cells_with_osr_and_ots_train_and_report_the_fallback_rate(registry):
+    import dataclasses
+
+    base = _cell(0).config
+    cfg = dataclasses.replace(
+        base,
+        normalizer=Component("osr", registry.normalizers.info("osr").defaults()),
+        threshold=Component("ots", registry.thresholds.info("ots").defaults() | {"eval_threshold": "running"}),
+        trainer=Component("online", registry.trainers.info("online").defaults()),
+        model=Component("vgg_small", {"channels": [16, 32]}),
+        optimizer=OptimizerConfig(lr=0.1),
+        epochs=3, batch_size=32, time_steps=4, train_subset=None,
+    )
+    hook = Recorder()
+    result = run_cell(Cell("online", 0, cfg, {}), registry, hook)
+    assert result.status == "finished", result.error
+    assert result.metrics["test_top1"] > 0.6  # three short epochs on digits already learn
+    assert 0.0 <= result.metrics["osr_fallback_rate"] <= 1.0
+    assert any(k.startswith("osr_fallback_rate/") for k in result.metrics)  # per layer too

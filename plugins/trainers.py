@@ -72,7 +72,6 @@ class OnlineTrainer(Trainer):
         if gradient not in ("spatial", "trace"):
             raise ValueError(f"gradient must be 'spatial' or 'trace', got {gradient!r}")
         self.update, self.gradient, self.max_grad_norm = update, gradient, max_grad_norm
-        self._prepared: set[int] = set()
 
     def prepare(self, model: nn.Module) -> None:
         """Detach every neuron's membrane between steps; mark trace synapses (``gradient="trace"``)."""
@@ -84,7 +83,6 @@ class OnlineTrainer(Trainer):
             elif isinstance(m, TimeDistributed) and isinstance(m.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 # Synapses after the first neuron receive spikes; the first one sees the input.
                 m.trace_decay = decay if (self.gradient == "trace" and decay is not None) else None
-        self._prepared.add(id(model))
 
     def _step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if self.max_grad_norm > 0:
@@ -94,8 +92,7 @@ class OnlineTrainer(Trainer):
     def train_batch(
         self, model: nn.Module, inputs: Tensor, target: Tensor, loss_fn: SequenceLoss, optimizer: torch.optim.Optimizer
     ) -> BatchResult:
-        if id(model) not in self._prepared:
-            self.prepare(model)
+        self.prepare(model)  # a walk over the modules: cheap next to one step
         model.train()
         set_step_mode(model, "single")
         T = inputs.shape[0]

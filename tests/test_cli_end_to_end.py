@@ -11,6 +11,8 @@ import pytest
 
 from harness.cli import ExitCode, main
 
+REPO = Path(__file__).resolve().parents[1]
+
 MATRIX = """
 name = "e2e"
 
@@ -297,3 +299,9 @@ def test_argparse_usage_errors_exit_4(capsys):
     assert main(["run"]) == ExitCode.USAGE_ERROR
     assert "the following arguments are required: --matrix" in capsys.readouterr().err
     assert main(["frobnicate"]) == ExitCode.USAGE_ERROR
+
+
+@pytest.mark.parametrize("path", ["benchmarks.toml", *sorted(str(p.relative_to(REPO)) for p in (REPO / "benchmarks").glob("*.toml"))])
+def test_every_shipped_matrix_passes_validation(path, capsys):
+    assert main(["run", "--matrix", str(REPO / path), "--dry-run"]) == ExitCode.OK
+    assert "cell(s) to run" in capsys.readouterr().out

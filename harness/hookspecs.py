@@ -47,7 +47,8 @@ def register_normalizers(registry: Registrar) -> None:
     """Contribute normalizers: ``factory(num_features: int, **options) -> nn.Module``.
 
     A factory that also takes a ``time_steps`` argument receives the cell's ``T`` (for
-    normalizers with per-step parameters).
+    normalizers with per-step parameters), and one that takes ``v_threshold`` receives the base
+    threshold of the cell's threshold policy (its ``theta`` option; tdBN scales by it).
 
     The module sits between a synapse and its neuron and follows the step protocol
     (:class:`harness.snn.SequenceModule`): ``forward_step`` on ``[B, C, ...]`` and/or

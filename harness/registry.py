@@ -35,7 +35,7 @@ STEP_MODES = frozenset({"single", "sequence"})
 
 # Arguments the harness passes itself; they are not user options of the factory.
 INJECTED: dict[str, frozenset[str]] = {
-    "normalizer": frozenset({"num_features", "time_steps"}),
+    "normalizer": frozenset({"num_features", "time_steps", "v_threshold"}),
     "threshold": frozenset(),
     "trainer": frozenset(),
     "loss": frozenset(),

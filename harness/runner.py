@@ -66,7 +66,9 @@ def resolve_device(name: str) -> torch.device:
 
 def build_model(config: CellConfig, registry: Registry, data: DatasetBundle) -> nn.Module:
     norm = config.normalizer
-    norm_extra = {"time_steps": config.time_steps} if registry.normalizers.info(norm.name).takes("time_steps") else {}
+    norm_info = registry.normalizers.info(norm.name)
+    provided = {"time_steps": config.time_steps, "v_threshold": config.threshold.options.get("theta", 1.0)}
+    norm_extra = {k: v for k, v in provided.items() if norm_info.takes(k)}
     policy = config.threshold
     neuron_cfg = config.neuron
     layers = LayerFactory(

@@ -1,11 +1,13 @@
-"""Built-in normalizers: ``vanilla_bn`` (per-step batch normalization, METHOD.md section 4) and
-``osr`` (Online Spiking Renormalization, paper Eqs. 8-15, Algorithms 1-2, METHOD.md section 5)."""
+"""Built-in normalizers: ``vanilla_bn`` (per-step batch normalization, METHOD.md section 4),
+``osr`` (Online Spiking Renormalization, paper Eqs. 8-15, Algorithms 1-2, METHOD.md section 5) and
+the baselines ``bntt``, ``tdbn``, ``tebn`` (METHOD.md section 7)."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness import hookimpl
@@ -240,7 +242,95 @@ class OnlineSpikingRenormalization(SequenceModule):
         self._s = s if self._s is None else self._s + s
 
 
+class BatchNormThroughTime(SequenceModule):
+    """BNTT (Kim & Panda 2021): one batch normalization per time step,
+    ``Ĩ[t] = gamma_t * (I[t] - mu[t]) / sqrt(var[t] + eps)`` with a separate ``gamma_t`` [C] per
+    step, **no beta**, and separate running statistics per step (PyTorch BN semantics: EMA with
+    ``momentum``, unbiased running variance) used at inference. Works one step at a time; a
+    sequence may be shorter than the ``time_steps`` it was built for, never longer.
+    SpikingJelly: ``layer.BatchNormThroughTime2d(T, num_features)``.
+    """
+
+    def __init__(self, num_features: int, time_steps: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.num_features, self.steps, self.eps, self.momentum = num_features, time_steps, eps, momentum
+        self.weight = nn.Parameter(torch.ones(time_steps, num_features))
+        self.register_buffer("running_mean", torch.zeros(time_steps, num_features))
+        self.register_buffer("running_var", torch.ones(time_steps, num_features))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, time_steps={self.steps}, eps={self.eps}, momentum={self.momentum}"
+
+    def forward_step(self, x: Tensor) -> Tensor:
+        t = self.t
+        if t >= self.steps:
+            raise ValueError(f"bntt was built for {self.steps} time steps; step {t + 1} has no statistics of its own")
+        return F.batch_norm(
+            x, self.running_mean[t], self.running_var[t], self.weight[t], None, self.training, self.momentum, self.eps
+        )
+
+
+class _WholeSequenceBatchNorm(SequenceModule):
+    """Batch normalization with statistics over (T, B, space) at once: the sequence is folded into
+    the batch (PyTorch BN semantics: running statistics updated once per sequence, EMA with
+    ``momentum``, unbiased running variance). Needs the whole sequence."""
+
+    step_modes = frozenset({"sequence"})
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def _bn(self, x: Tensor) -> Tensor:
+        y = F.batch_norm(
+            x.flatten(0, 1), self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
+        )
+        return y.unflatten(0, x.shape[:2])
+
+
+class ThresholdDependentBatchNorm(_WholeSequenceBatchNorm):
+    """tdBN (Zheng et al. 2021): statistics over (T, B, H, W) at once,
+    ``Ĩ = lambda * (I - mu) / sqrt(var + eps) + beta`` with the scale ``lambda`` initialised to
+    ``alpha * V_th`` (the cell's threshold, passed by the harness as ``v_threshold``; ``alpha`` = 1,
+    or 1/sqrt(2) before a residual addition). Needs the whole sequence.
+    SpikingJelly: ``layer.ThresholdDependentBatchNorm2d(alpha, v_th, num_features)``.
+    """
+
+    def __init__(self, num_features: int, v_threshold: float = 1.0, alpha: float = 1.0, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__(num_features, eps, momentum)
+        self.alpha, self.v_threshold = alpha, v_threshold
+        nn.init.constant_(self.weight, alpha * v_threshold)
+
+    def forward_sequence(self, x: Tensor) -> Tensor:
+        return self._bn(x)
+
+
+class TemporalEffectiveBatchNorm(_WholeSequenceBatchNorm):
+    """TEBN (Duan et al. 2022): statistics over (T, B, H, W) with shared ``gamma``, ``beta`` [C],
+    then a learnable scale per step, ``Ĩ[t] = p[t] * (gamma * Î[t] + beta)``, ``p`` one scalar per
+    step shared by the channels (initialised to 1). Needs the whole sequence.
+    SpikingJelly: ``layer.TemporalEffectiveBatchNorm2d(T, num_features)``.
+    """
+
+    def __init__(self, num_features: int, time_steps: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+        super().__init__(num_features, eps, momentum)
+        self.scale = nn.Parameter(torch.ones(time_steps))
+
+    def forward_sequence(self, x: Tensor) -> Tensor:
+        T = x.shape[0]
+        if T > self.scale.numel():
+            raise ValueError(f"tebn was built for {self.scale.numel()} time steps, got a sequence of {T}")
+        return self._bn(x) * self.scale[:T].view(T, *[1] * (x.ndim - 1))
+
+
 @hookimpl
 def register_normalizers(registry) -> None:
     registry.add("vanilla_bn", VanillaBatchNorm)
     registry.add("osr", OnlineSpikingRenormalization)
+    registry.add("bntt", BatchNormThroughTime)
+    registry.add("tdbn", ThresholdDependentBatchNorm)
+    registry.add("tebn", TemporalEffectiveBatchNorm)

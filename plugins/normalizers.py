@@ -152,7 +152,7 @@ class OnlineSpikingRenormalization(SequenceModule):
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self._m: Tensor | None = None  # all-time mean accumulator M (Eq. 14)
         self._s: Tensor | None = None  # all-time second-moment accumulator S (Eq. 15)
-        self._fallback_steps = 0
+        self._fallback_steps: Tensor | int = 0  # a device tensor while training: no sync per step
         self._steps = 0
 
     def extra_repr(self) -> str:
@@ -176,7 +176,7 @@ class OnlineSpikingRenormalization(SequenceModule):
 
     def epoch_metrics(self) -> dict[str, float]:
         """Fraction of training steps since the last call that fell back to batch statistics."""
-        out = {"osr_fallback_rate": self._fallback_steps / self._steps} if self._steps else {}
+        out = {"osr_fallback_rate": float(self._fallback_steps) / self._steps} if self._steps else {}
         self._fallback_steps = self._steps = 0
         return out
 
@@ -224,7 +224,7 @@ class OnlineSpikingRenormalization(SequenceModule):
         per_step = tuple(range(x.ndim)) if channel_dim == 1 else tuple(range(1, x.ndim))  # max over channels
         spread = torch.maximum(ratio, 1.0 / ratio).amax(dim=per_step, keepdim=True)
         fallback = spread > self.fallback_ratio
-        self._fallback_steps += int(fallback.sum())
+        self._fallback_steps = self._fallback_steps + fallback.sum()  # stays on the device
         self._steps += self._count_steps(x, channel_dim)
         return torch.where(fallback, affine(x_hat), y)
 

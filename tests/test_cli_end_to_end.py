@@ -305,3 +305,16 @@ def test_argparse_usage_errors_exit_4(capsys):
 def test_every_shipped_matrix_passes_validation(path, capsys):
     assert main(["run", "--matrix", str(REPO / path), "--dry-run"]) == ExitCode.OK
     assert "cell(s) to run" in capsys.readouterr().out
+
+
+def test_the_readme_matrix_example_is_valid(registry):
+    import re
+    import tomllib
+
+    from harness.matrix import expand
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Writing a matrix", 1)[1]
+    block = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    m = expand(tomllib.loads(block), registry, source="README.md")
+    assert len(m.cells) == 3 * 3 * 2 * 2 - 2 * 2 * 2 and m.excluded == 8

@@ -21,7 +21,56 @@ def _channel_view(t: Tensor, ndim: int, channel_dim: int) -> Tensor:
     return t.view(shape)
 
 
-class VanillaBatchNorm(SequenceModule):
+class _StepStatisticsNorm(SequenceModule):
+    """Shared by ``vanilla_bn`` and ``osr``: per-channel affine parameters, running buffers, and
+    the per-step batch statistics accumulated over a sequence, applied once at ``t = T`` with
+    ``run += momentum * (new - run)`` (PyTorch's momentum 0.1 is the paper's 0.9).
+
+    Subclasses say what is accumulated: ``_second_moment(mean, var)`` per step (vanilla BN: the
+    variance; OSR: ``var + mean^2``, Eq. 15) and how the sequence variance follows from the sums
+    (``_sequence_var``)."""
+
+    def __init__(self, num_features: int, eps: float, momentum: float, affine: bool) -> None:
+        super().__init__()
+        if not 0.0 < momentum <= 1.0:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        self.num_features, self.eps, self.momentum = num_features, eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self._sum_mean: Tensor | None = None  # sum_t mu[t] / T (Eq. 14)
+        self._sum_second: Tensor | None = None  # sum_t _second_moment(mu[t], var[t]) / T
+
+    def _second_moment(self, mean: Tensor, var: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _sequence_var(self, sum_mean: Tensor, sum_second: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def begin_sequence(self, time_steps: int) -> None:
+        self._sum_mean = self._sum_second = None  # Alg. 2: at t = 1, the sums are 0
+
+    def end_sequence(self) -> None:
+        if self.training and self._sum_mean is not None:
+            with torch.no_grad():  # Alg. 2, step 3, at t = T
+                self.running_mean.lerp_(self._sum_mean, self.momentum)
+                self.running_var.lerp_(self._sequence_var(self._sum_mean, self._sum_second), self.momentum)
+                self.num_batches_tracked += 1
+        self._sum_mean = self._sum_second = None
+
+    def _accumulate(self, mean: Tensor, var: Tensor) -> None:
+        # mean/var keep singleton dims; per-step stats are [C] (one step) or [T, C] (sequence).
+        mu = mean.reshape(-1, self.num_features)
+        v = var.reshape(-1, self.num_features)
+        m = mu.sum(0) / self.time_steps
+        second = self._second_moment(mu, v).sum(0) / self.time_steps
+        self._sum_mean = m if self._sum_mean is None else self._sum_mean + m
+        self._sum_second = second if self._sum_second is None else self._sum_second + second
+
+
+class VanillaBatchNorm(_StepStatisticsNorm):
     """Per-step batch normalization, the paper's online baseline (Appendix C, METHOD.md section 4).
 
     Training, at every step ``t``: ``Ĩ[t] = gamma * (I[t] - mu[t]) / sqrt(var[t] + eps) + beta``
@@ -35,31 +84,16 @@ class VanillaBatchNorm(SequenceModule):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True) -> None:
-        super().__init__()
-        if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
-        self.num_features, self.eps, self.momentum = num_features, eps, momentum
-        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        self._sum_mean: Tensor | None = None
-        self._sum_var: Tensor | None = None
+        super().__init__(num_features, eps, momentum, affine)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.weight is not None}"
 
-    def begin_sequence(self, time_steps: int) -> None:
-        self._sum_mean = self._sum_var = None
+    def _second_moment(self, mean: Tensor, var: Tensor) -> Tensor:
+        return var  # Appendix C: V = sum_t var[t] / T
 
-    def end_sequence(self) -> None:
-        if self.training and self._sum_mean is not None:
-            with torch.no_grad():
-                self.running_mean.lerp_(self._sum_mean, self.momentum)
-                self.running_var.lerp_(self._sum_var, self.momentum)
-                self.num_batches_tracked += 1
-        self._sum_mean = self._sum_var = None
+    def _sequence_var(self, sum_mean: Tensor, sum_second: Tensor) -> Tensor:
+        return sum_second
 
     def _affine(self, y: Tensor, channel_dim: int) -> Tensor:
         if self.weight is None:
@@ -72,17 +106,8 @@ class VanillaBatchNorm(SequenceModule):
             var = _channel_view(self.running_var, x.ndim, channel_dim)
             return self._affine((x - mean) * torch.rsqrt(var + self.eps), channel_dim)
         var, mean = torch.var_mean(x, dim=stat_dims, correction=0, keepdim=True)
-        self._accumulate(mean.detach(), var.detach(), stat_dims)
+        self._accumulate(mean.detach(), var.detach())
         return self._affine((x - mean) * torch.rsqrt(var + self.eps), channel_dim)
-
-    def _accumulate(self, mean: Tensor, var: Tensor, stat_dims: tuple[int, ...]) -> None:
-        # mean/var keep singleton dims; per-step stats are [C] (one step) or [T, C] (sequence).
-        steps_mean = mean.reshape(-1, self.num_features)
-        steps_var = var.reshape(-1, self.num_features)
-        m = steps_mean.sum(0) / self.time_steps
-        v = steps_var.sum(0) / self.time_steps
-        self._sum_mean = m if self._sum_mean is None else self._sum_mean + m
-        self._sum_var = v if self._sum_var is None else self._sum_var + v
 
     def forward_step(self, x: Tensor) -> Tensor:
         # x: [B, C, ...]; statistics over batch and space.
@@ -93,7 +118,7 @@ class VanillaBatchNorm(SequenceModule):
         return self._normalize(x, 2, (1, *range(3, x.ndim)))
 
 
-class OnlineSpikingRenormalization(SequenceModule):
+class OnlineSpikingRenormalization(_StepStatisticsNorm):
     """Online Spiking Renormalization, OSR (paper Eqs. 8-15, Algorithms 1-2; METHOD.md section 5).
 
     Training, at each step ``t``, with ``mu[t]``, ``var[t]`` the per-channel batch mean and biased
@@ -133,25 +158,15 @@ class OnlineSpikingRenormalization(SequenceModule):
         gamma_grad: Literal["paper", "official"] = "paper",
         affine: bool = True,
     ) -> None:
-        super().__init__()
-        if not 0.0 < momentum <= 1.0:
-            raise ValueError(f"momentum must be in (0, 1], got {momentum}")
+        super().__init__(num_features, eps, momentum, affine)
         if fallback_ratio != "none" and not (isinstance(fallback_ratio, (int, float)) and fallback_ratio > 1.0):
             raise ValueError(f"fallback_ratio must be a number > 1 or 'none', got {fallback_ratio!r}")
         if mode not in ("renorm", "linear"):
             raise ValueError(f"mode must be 'renorm' or 'linear', got {mode!r}")
         if gamma_grad not in ("paper", "official"):
             raise ValueError(f"gamma_grad must be 'paper' or 'official', got {gamma_grad!r}")
-        self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.fallback_ratio = None if fallback_ratio == "none" else float(fallback_ratio)
         self.mode, self.gamma_grad = mode, gamma_grad
-        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
-        self._m: Tensor | None = None  # all-time mean accumulator M (Eq. 14)
-        self._s: Tensor | None = None  # all-time second-moment accumulator S (Eq. 15)
         self._fallback_steps: Tensor | int = 0  # a device tensor while training: no sync per step
         self._steps = 0
 
@@ -161,18 +176,12 @@ class OnlineSpikingRenormalization(SequenceModule):
             f"mode={self.mode!r}, gamma_grad={self.gamma_grad!r}"
         )
 
-    # -- sequence bookkeeping --------------------------------------------------------------------
-    def begin_sequence(self, time_steps: int) -> None:
-        self._m = self._s = None  # Alg. 2: at t = 1, M = 0 and S = 0
+    # -- all-time statistics (Eqs. 14-15, Alg. 2) -----------------------------------------------
+    def _second_moment(self, mean: Tensor, var: Tensor) -> Tensor:
+        return var + mean.square()  # S += (var[t] + mu[t]^2) / T
 
-    def end_sequence(self) -> None:
-        if self.training and self._m is not None:
-            with torch.no_grad():  # Alg. 2, step 3, at t = T
-                var = self._s - self._m.square()
-                self.running_mean.lerp_(self._m, self.momentum)
-                self.running_var.lerp_(var, self.momentum)
-                self.num_batches_tracked += 1
-        self._m = self._s = None
+    def _sequence_var(self, sum_mean: Tensor, sum_second: Tensor) -> Tensor:
+        return sum_second - sum_mean.square()  # at t = T: S -= M^2
 
     def epoch_metrics(self) -> dict[str, float]:
         """Fraction of training steps since the last call that fell back to batch statistics."""
@@ -231,15 +240,6 @@ class OnlineSpikingRenormalization(SequenceModule):
     @staticmethod
     def _count_steps(x: Tensor, channel_dim: int) -> int:
         return 1 if channel_dim == 1 else x.shape[0]
-
-    def _accumulate(self, mean: Tensor, var: Tensor) -> None:
-        # Eqs. 14-15: per-step stats are [C] (one step) or [T, C] (sequence).
-        mu = mean.reshape(-1, self.num_features)
-        v = var.reshape(-1, self.num_features)
-        m = mu.sum(0) / self.time_steps
-        s = (v + mu.square()).sum(0) / self.time_steps
-        self._m = m if self._m is None else self._m + m
-        self._s = s if self._s is None else self._s + s
 
 
 class BatchNormThroughTime(SequenceModule):

@@ -83,6 +83,7 @@ class OnlineTrainer(Trainer):
             elif isinstance(m, TimeDistributed) and isinstance(m.module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 # Synapses after the first neuron receive spikes; the first one sees the input.
                 m.trace_decay = decay if (self.gradient == "trace" and decay is not None) else None
+        model._harness_online_gradient = self.gradient
 
     def _step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if self.max_grad_norm > 0:
@@ -92,7 +93,8 @@ class OnlineTrainer(Trainer):
     def train_batch(
         self, model: nn.Module, inputs: Tensor, target: Tensor, loss_fn: SequenceLoss, optimizer: torch.optim.Optimizer
     ) -> BatchResult:
-        self.prepare(model)  # a walk over the modules: cheap next to one step
+        if getattr(model, "_harness_online_gradient", None) != self.gradient:  # once per model, not per batch
+            self.prepare(model)
         model.train()
         set_step_mode(model, "single")
         T = inputs.shape[0]

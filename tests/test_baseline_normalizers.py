@@ -147,18 +147,10 @@ def test_bntt_refuses_more_steps_than_it_was_built_for():
     assert run_sequence(bntt, torch.randn(1, B, C), "single").shape == (1, B, C)  # shorter is fine
 
 
-def test_whole_sequence_normalizers_are_skipped_under_the_online_trainer(registry, write_toml):
+def test_whole_sequence_normalizers_are_skipped_under_the_online_trainer(registry, tiny_matrix):
     from harness.matrix import load_matrix
 
-    path = write_toml("""
-        [defaults]
-        dataset = "digits"
-        model = "vgg_small"
-        normalizer = "vanilla_bn"
-        trainer = "bptt"
-        epochs = 1
-        batch_size = 8
-        time_steps = 2
+    path = tiny_matrix("""
         [matrix]
         normalizer = ["vanilla_bn", "osr", "bntt", "tdbn", "tebn"]
         trainer = ["bptt", "online"]

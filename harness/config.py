@@ -70,6 +70,11 @@ class CellConfig:
     train_subset: int | None = None  # train on this many samples (a fixed random subset); test set always whole
     eval_batch_size: int | None = None  # defaults to batch_size
     num_workers: int = 0  # DataLoader workers
+    max_train_batches: int | None = None  # stop each training epoch after this many batches (memory/speed cells)
+    max_eval_batches: int | None = None  # evaluate on this many test batches only
+    # What is measured, not what is trained: these two do not enter the cell id.
+    meters: tuple[Literal["firing_rate", "memory", "synops"], ...] = ("firing_rate", "memory", "synops")
+    membrane_histograms: bool = False  # after training: histograms of u[t] per layer and step (Fig. 3)
     optimizer: OptimizerConfig = OptimizerConfig()
     lr_schedule: ScheduleConfig = ScheduleConfig()
     neuron: NeuronConfig = NeuronConfig()
@@ -96,9 +101,16 @@ def flatten(config: CellConfig) -> dict[str, Any]:
     return out
 
 
+# Keys that choose what is observed, not what is trained: the same cell with other meters is
+# the same cell.
+OBSERVATION_KEYS = ("meters", "membrane_histograms")
+
+
 def cell_id(config: CellConfig) -> str:
-    """A stable id: the first 12 hex digits of the SHA-256 of the resolved config."""
-    text = json.dumps(flatten(config), sort_keys=True, default=repr, separators=(",", ":"))
+    """A stable id: the first 12 hex digits of the SHA-256 of the resolved config (without
+    :data:`OBSERVATION_KEYS`)."""
+    flat = {k: v for k, v in flatten(config).items() if k not in OBSERVATION_KEYS}
+    text = json.dumps(flat, sort_keys=True, default=repr, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -114,4 +126,6 @@ def from_dict(data: dict[str, Any]) -> CellConfig:
     kwargs["optimizer"] = OptimizerConfig(**{**data["optimizer"], "betas": tuple(data["optimizer"]["betas"])})
     kwargs["lr_schedule"] = ScheduleConfig(**data["lr_schedule"])
     kwargs["neuron"] = NeuronConfig(**data["neuron"])
+    if "meters" in data:
+        kwargs["meters"] = tuple(data["meters"])
     return CellConfig(**kwargs)

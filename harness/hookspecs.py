@@ -159,7 +159,7 @@ def on_cell_start(cell: Cell, info: dict[str, Any]) -> None:
     """A cell starts training.
 
     :param cell: the cell (its ``config`` is the fully resolved configuration).
-    :param info: facts known once the cell is built: ``device``, ``num_parameters``,
+    :param info: facts known once the cell is built: ``device``, ``num_parameters``, ``model_size_bytes``,
         ``train_size``, ``test_size``.
     """
 

@@ -62,7 +62,7 @@ TOP_KEYS = ("name", "description", "defaults", "matrix", "exclude", "options", "
 NESTED = {f.name: f.type for f in dataclasses.fields(CellConfig) if f.name in ("optimizer", "lr_schedule", "neuron")}
 _HINTS = typing.get_type_hints(CellConfig)
 _DEFAULT_COMPONENTS = {"threshold": "fixed", "loss": "tet"}
-_POSITIVE = ("epochs", "batch_size", "time_steps", "train_subset", "eval_batch_size")
+_POSITIVE = ("epochs", "batch_size", "time_steps", "train_subset", "eval_batch_size", "max_train_batches", "max_eval_batches")
 _MODE_WORDS = {"single": "one step at a time", "sequence": "on the whole sequence"}
 
 

@@ -19,6 +19,7 @@ from harness.config import CellConfig, OptimizerConfig, ScheduleConfig
 from harness.data import DatasetBundle, to_sequence, train_subset
 from harness.errors import HarnessError
 from harness.matrix import Cell
+from harness.meters.cell import CellMeters, model_size
 from harness.registry import Registry
 from harness.snn import LayerFactory, LIFNeuron, collect_epoch_metrics
 
@@ -45,6 +46,7 @@ class CellResult:
     duration_s: float = 0.0
     error: str | None = None  # traceback text of a failed cell
     error_type: str | None = None
+    artifacts: dict[str, bytes] = field(default_factory=dict)  # file name -> content (observers store them)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -151,58 +153,113 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult) -> Non
     optimizer = build_optimizer(model.parameters(), cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.lr_schedule, cfg.epochs)
 
+    meters = CellMeters(model, device, cfg.meters)
+    static = model_size(model)
     hook.on_cell_start(
         cell=cell,
         info={
             "device": str(device),
-            "num_parameters": sum(p.numel() for p in model.parameters()),
+            **static,
             "train_size": len(train_set),
             "test_size": len(data.test),
         },
     )
     best = -math.inf
-    for epoch in range(1, cfg.epochs + 1):
-        hook.on_epoch_start(cell=cell, epoch=epoch, num_train_batches=len(train_loader), num_test_batches=len(test_loader))
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train = _run_epoch(cell, "train", train_loader, device, data.temporal, hook,
-                           lambda x, y: trainer.train_batch(model, x, y, loss_fn, optimizer))
-        if not math.isfinite(train["loss"]):
-            raise DivergedError(f"diverged at epoch {epoch}: training loss is {train['loss']}")
-        module_metrics = collect_epoch_metrics(model)  # e.g. OSR's fallback rate, from training steps
-        test = _run_epoch(cell, "test", test_loader, device, data.temporal, hook,
-                          lambda x, y: trainer.eval_batch(model, x, y, loss_fn))
-        if scheduler is not None:
-            scheduler.step()
-        best = max(best, test["top1"])
-        metrics = {
-            "train_loss": train["loss"],
-            "train_top1": train["top1"],
-            "test_loss": test["loss"],
-            "test_top1": test["top1"],
-            "best_test_top1": best,
-            "epoch_time_s": time.perf_counter() - t0,
-            "lr": lr,
-            **module_metrics,
-        }
-        result.metrics = metrics
-        result.epochs_completed = epoch
-        hook.on_epoch_end(cell=cell, epoch=epoch, metrics=dict(metrics))
+    num_train = _batches(len(train_loader), cfg.max_train_batches)
+    num_test = _batches(len(test_loader), cfg.max_eval_batches)
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            hook.on_epoch_start(cell=cell, epoch=epoch, num_train_batches=num_train, num_test_batches=num_test)
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            train = _run_epoch(cell, "train", train_loader, num_train, device, data.temporal, hook, meters,
+                               lambda x, y: trainer.train_batch(model, x, y, loss_fn, optimizer))
+            if not math.isfinite(train["train_loss"]):
+                raise DivergedError(f"diverged at epoch {epoch}: training loss is {train['train_loss']}")
+            module_metrics = collect_epoch_metrics(model)  # e.g. OSR's fallback rate, from training steps
+            test = _run_epoch(cell, "test", test_loader, num_test, device, data.temporal, hook, meters,
+                              lambda x, y: trainer.eval_batch(model, x, y, loss_fn))
+            if scheduler is not None:
+                scheduler.step()
+            best = max(best, test["test_top1"])
+            metrics = {
+                **train,
+                **test,
+                "best_test_top1": best,
+                "epoch_time_s": time.perf_counter() - t0,
+                "lr": lr,
+                **{k: float(v) for k, v in static.items()},
+                **module_metrics,
+            }
+            result.metrics = metrics
+            result.epochs_completed = epoch
+            hook.on_epoch_end(cell=cell, epoch=epoch, metrics=dict(metrics))
+    finally:
+        meters.close()
+    if cfg.membrane_histograms:
+        result.artifacts.update(_membrane_histograms(cell, model, trainer, loss_fn, test_loader, device, data.temporal))
 
 
-def _run_epoch(cell: Cell, phase: str, loader: DataLoader, device: torch.device, temporal: bool, hook: Any, step: Any) -> dict[str, float]:
+def _batches(available: int, limit: int | None) -> int:
+    return available if limit is None else min(available, limit)
+
+
+def _run_epoch(
+    cell: Cell, phase: str, loader: DataLoader, num_batches: int, device: torch.device, temporal: bool,
+    hook: Any, meters: CellMeters, step: Any,
+) -> dict[str, float]:
+    """One pass over ``loader`` (at most ``num_batches`` batches); returns ``{phase}_loss``,
+    ``{phase}_top1`` and the meters' metrics of the phase."""
     T = cell.config.time_steps
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
     count = 0
-    n = len(loader)
-    for i, (x, y) in enumerate(loader, 1):
+    batches = 0
+    meters.begin(phase)
+    it = iter(loader)
+    for i in range(1, num_batches + 1):
+        t_data = time.perf_counter()
+        try:
+            x, y = next(it)
+        except StopIteration:
+            break
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
-        out = step(to_sequence(x, T, temporal), y)
+        meters.data_ready(time.perf_counter() - t_data)
+        with meters.iteration():
+            out = step(to_sequence(x, T, temporal), y)
         loss_sum += out.loss.double() * out.count
         correct += out.correct
         count += out.count
-        hook.on_batch_end(cell=cell, phase=phase, batch=i, num_batches=n)
+        batches = i
+        hook.on_batch_end(cell=cell, phase=phase, batch=i, num_batches=num_batches)
     count = max(count, 1)
-    return {"loss": loss_sum.item() / count, "top1": correct.item() / count}
+    metrics = {f"{phase}_loss": loss_sum.item() / count, f"{phase}_top1": correct.item() / count}
+    metrics.update(meters.end(phase, count, batches))
+    return metrics
+
+
+def _membrane_histograms(
+    cell: Cell, model: nn.Module, trainer: Any, loss_fn: Any, loader: DataLoader, device: torch.device, temporal: bool
+) -> dict[str, bytes]:
+    """Fig. 3: record u[t] per layer and step on the first test batch; a PNG (and the sampled
+    values as a ``.pt`` file) for the cell's artifacts."""
+    import io
+    import tempfile
+    from pathlib import Path
+
+    from harness.meters.membrane import MembraneRecorder
+    from harness.plots import plot_membrane_histograms
+
+    x, y = next(iter(loader))
+    x, y = x.to(device), y.to(device)
+    with MembraneRecorder(model) as rec:
+        trainer.eval_batch(model, to_sequence(x, cell.config.time_steps, temporal), y, loss_fn)
+    values = {layer: [v.numpy() for v in steps] for layer, steps in rec.values.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_membrane_histograms(
+            values, Path(tmp) / "membrane.png", thresholds=rec.thresholds, title=f"Membrane potential u[t] before firing: {cell.label}"
+        ).read_bytes()
+    buf = io.BytesIO()
+    torch.save({"values": rec.values, "thresholds": rec.thresholds}, buf)
+    return {"membrane_histograms.png": png, "membrane_values.pt": buf.getvalue()}

@@ -54,7 +54,12 @@ class LIFNeuron(SequenceModule):
     code's default) is ``u[t+1/2] = u[t] - s[t] * theta[t]``. With ``detach_reset`` the spike in
     the reset term carries no gradient. ``detach_membrane`` cuts the gradient path through
     ``u[t-1/2]`` (online training, Eq. 6).
+
+    ``emits_spikes = True`` makes the firing-rate meter count its outputs (any spiking module of
+    a plugin can set it).
     """
+
+    emits_spikes = True
 
     def __init__(
         self,

@@ -1,0 +1,1 @@
+"""Meters that watch a cell while it trains: firing rates, memory, operations, speed."""

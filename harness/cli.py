@@ -53,8 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="list the installed plugins by kind")
     lst.add_argument("--kind", default=None, help="only this kind (normalizer, threshold, trainer, loss, model, dataset)")
 
-    rep = sub.add_parser("report", help="comparison table of a matrix from MLflow (also writes summary.md/csv)")
+    rep = sub.add_parser("report", help="comparison table of a matrix from MLflow (also writes summary.md/csv and plots)")
     common(rep)
+    rep.add_argument("--format", default="table", choices=("table", "markdown", "csv", "json"),
+                     help="how to print the comparison (default: %(default)s)")
 
     ui = sub.add_parser("ui", help="start the MLflow UI on the configured store")
     common(ui, matrix_required=False)
@@ -172,10 +174,7 @@ def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from harness import summary, tracking
+    from harness import report, summary, tracking
     from harness.matrix import read_toml
     from harness.session import DEFAULT_EXPERIMENT, resolve_tracking_uri
 
@@ -191,15 +190,35 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
         return ExitCode.NO_CELLS
     out = results_dir / name
     summary.write_summary(out, rows, merge_existing=False, title=f"Matrix {name} (from MLflow)")
-    cols = [c for c in summary.columns(rows) if c not in ("label", "run_id")]
-    table = Table(title=f"matrix {name}: {len(rows)} cell(s)", title_justify="left")
-    for c in cols:
-        table.add_column(summary._title(c))
-    for r in rows:
-        table.add_row(*(summary.format_value(c, r.get(c, "")) for c in cols))
-    Console(width=200 if not sys.stdout.isatty() else None).print(table)
-    print(f"wrote {out / 'summary.md'} and {out / 'summary.csv'}")
+    axes = tracking.matrix_axes(uri, experiment, name)
+    history = tracking.report_history(uri, rows, ("test_top1",))
+    written = report.write_plots(out, rows, history, axes)
+    entries = report.compare(rows, axes)
+    if args.format == "table":
+        _print_comparison(entries, f"matrix {name}: {len(rows)} cell(s), {len(entries)} finished configuration(s)")
+    else:
+        print(report.format_comparison(entries, args.format))
+    failed = [r for r in rows if r.get("status") != "finished"]
+    if failed:
+        print(f"{len(failed)} cell(s) not finished: " + ", ".join(f"{r['cell_id']} [{r.get('label', '')}] {r.get('status')} {r.get('error_type', '')}".rstrip() for r in failed),
+              file=sys.stderr)
+    print(f"wrote {out / 'summary.md'}, {out / 'summary.csv'}" + "".join(f", {p}" for p in written), file=sys.stderr)
     return ExitCode.OK
+
+
+def _print_comparison(entries: list[dict], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from harness import report
+
+    table = Table(title=title, title_justify="left")
+    cols = report.comparison_columns(entries)
+    for c in cols:
+        table.add_column(report.TITLES.get(c, c))
+    for e in entries:
+        table.add_row(*(report._cell(c, e) for c in cols))
+    Console(width=220 if not sys.stdout.isatty() else None).print(table)
 
 
 def cmd_ui(args: argparse.Namespace, argv: list[str]) -> int:

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 LEAD = ["cell_id", "label", "status"]
-METRICS = ["test_top1", "best_test_top1", "train_top1", "train_loss", "test_loss", "epochs_completed", "duration_s"]
+METRICS = [
+    "test_top1", "best_test_top1", "train_top1", "train_loss", "test_loss",
+    "test_firing_rate", "test_firing_rate_cv", "train_firing_rate",
+    "train_saved_bytes_peak", "train_cuda_peak_bytes", "peak_rss_bytes",
+    "train_samples_per_s", "test_samples_per_s", "train_data_time_s",
+    "synops", "synops_ac", "synops_mac", "num_parameters", "model_size_bytes",
+    "epochs_completed", "duration_s",
+]  # fmt: skip
+# Kept in summary.csv (the per-step plots read them) but not in the markdown table.
+CSV_ONLY = re.compile(r"^test_firing_rate_t\d+$")
+MARKDOWN_SKIP = {"label", "run_id", "peak_rss_bytes", "train_data_time_s", "synops_ac", "model_size_bytes", "train_firing_rate"}
 TRAIL = ["error_type", "run_id"]
 PERCENT = {"test_top1", "best_test_top1", "train_top1"}
 
@@ -18,6 +29,7 @@ def row_for(cell_id: str, label: str, status: str, axes: dict[str, Any], metrics
     row: dict[str, Any] = {"cell_id": cell_id, "label": label, "status": status}
     row.update({k: _plain(v) for k, v in axes.items()})
     row.update({k: metrics.get(k, "") for k in METRICS if k in metrics})
+    row.update({k: v for k, v in metrics.items() if CSV_ONLY.match(k)})
     row.update(extra)
     return row
 
@@ -28,8 +40,9 @@ def columns(rows: Iterable[dict[str, Any]]) -> list[str]:
         for k in row:
             if k not in seen:
                 seen.append(k)
-    middle = [k for k in seen if k not in LEAD + METRICS + TRAIL]
-    return LEAD + middle + [k for k in METRICS + TRAIL if k in seen]
+    middle = [k for k in seen if k not in LEAD + METRICS + TRAIL and not CSV_ONLY.match(k)]
+    steps = sorted((k for k in seen if CSV_ONLY.match(k)), key=lambda k: int(k.rsplit("t", 1)[1]))
+    return LEAD + middle + [k for k in METRICS if k in seen] + steps + [k for k in TRAIL if k in seen]
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -67,13 +80,25 @@ def write_summary(out_dir: Path, rows: Sequence[dict[str, Any]], *, merge_existi
     os.replace(tmp, csv_path)
     md = out_dir / "summary.md"
     tmp = md.with_name(".summary.md.tmp")
-    tmp.write_text((f"# {title}\n\n" if title else "") + markdown_table(rows) + "\n")
+    tmp.write_text(markdown_document(rows, title))
     os.replace(tmp, md)
     return list(rows)
 
 
+def markdown_document(rows: Sequence[dict[str, Any]], title: str = "") -> str:
+    """``summary.md``: the comparison over seeds (finished cells), then every cell."""
+    from harness.report import compare, format_comparison
+
+    parts = [f"# {title}\n"] if title else []
+    entries = compare(rows)
+    if entries:
+        parts += ["## Comparison (finished cells; mean ± std over seeds)\n", format_comparison(entries, "markdown") + "\n", "## Cells\n"]
+    parts.append(markdown_table(rows) + "\n")
+    return "\n".join(parts)
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    cols = [c for c in columns(rows) if c not in ("label",)]
+    cols = [c for c in columns(rows) if c not in MARKDOWN_SKIP and not CSV_ONLY.match(c)]
     header = [_title(c) for c in cols]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in rows:
@@ -92,8 +117,16 @@ def format_value(column: str, value: Any) -> str:
         return f"{100 * number:.2f}%"
     if column == "epochs_completed":
         return str(int(number))
-    if column.endswith("_s"):
+    if column.endswith("_bytes") or column.endswith("_bytes_peak"):
+        return f"{number / 2**20:.2f} MiB"
+    if column.startswith("synops"):
+        return f"{number:.3g}"
+    if "firing_rate" in column:
+        return f"{number:.4f}"
+    if column.endswith("_s") or column.endswith("_per_s"):
         return f"{number:.1f}"
+    if column == "num_parameters":
+        return str(int(number))
     if column.endswith("loss"):
         return f"{number:.4f}"
     return str(value)
@@ -110,6 +143,15 @@ def _title(column: str) -> str:
         "duration_s": "time (s)",
         "epochs_completed": "epochs done",
         "error_type": "error",
+        "test_firing_rate": "test firing rate",
+        "test_firing_rate_cv": "rate CV over t",
+        "train_saved_bytes_peak": "saved for backward",
+        "train_cuda_peak_bytes": "CUDA peak",
+        "train_samples_per_s": "train samples/s",
+        "test_samples_per_s": "test samples/s",
+        "synops": "SynOps/sample",
+        "synops_mac": "MACs/sample",
+        "num_parameters": "parameters",
     }.get(column, column)
 
 

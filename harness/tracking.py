@@ -82,6 +82,30 @@ def report_rows(uri: str, experiment: str, matrix_name: str) -> list[dict[str, A
     return merge([], rows)
 
 
+def matrix_axes(uri: str, experiment: str, matrix_name: str) -> list[str]:
+    """The axes of a matrix, from the tag its latest cell run carries."""
+    runs = cell_runs(client(uri), experiment, matrix_name)
+    for run in reversed(runs):
+        axes = run.data.tags.get(TAG_AXES)
+        if axes is not None:
+            return [a for a in axes.split(",") if a]
+    return []
+
+
+def report_history(uri: str, rows: list[dict[str, Any]], metrics: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``history.csv``-style rows (cell id, label, epoch, metric, value) from the runs' metric histories."""
+    c = client(uri)
+    out = []
+    for row in rows:
+        run_id = row.get("run_id")
+        if not run_id:
+            continue
+        for metric in metrics:
+            for m in c.get_metric_history(run_id, metric):
+                out.append({"cell_id": row["cell_id"], "label": row.get("label", ""), "epoch": m.step, "metric": metric, "value": m.value})
+    return out
+
+
 def _param_for_axis(axis: str) -> str:
     from harness.config import COMPONENT_KINDS
 

@@ -110,15 +110,26 @@ class MlflowTracker:
             self.client.set_tag(run_id, tracking.TAG_ERROR_TYPE, result.error_type)
         if result.error:
             self.client.log_text(run_id, result.error, "traceback.txt")
+        if result.artifacts:
+            import tempfile
+            from pathlib import Path
+
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, content in result.artifacts.items():
+                    (Path(tmp) / name).write_bytes(content)
+                self.client.log_artifacts(run_id, tmp)
         self.client.set_terminated(run_id, status=STATUS_MLFLOW.get(result.status, "FAILED"))
 
     @hookimpl
     def on_matrix_end(self, run: Any, results: list[Any]) -> None:
         if self.parent_id is None:
             return
-        summary = run.output_dir / "summary.csv"
-        if summary.exists():
-            self.client.log_artifact(self.parent_id, str(summary))
+        for name in ("summary.csv", "summary.md", "history.csv"):
+            if (run.output_dir / name).exists():
+                self.client.log_artifact(self.parent_id, str(run.output_dir / name))
+        plots = run.output_dir / "plots"
+        if plots.is_dir() and any(plots.glob("*.png")):
+            self.client.log_artifacts(self.parent_id, str(plots), "plots")
         if run.interrupted:
             status = "KILLED"
         elif any(r.status != "finished" for r in results):

@@ -129,10 +129,47 @@ def test_report_rebuilds_the_table_from_mlflow(finished_matrix, capsys):
     (out_dir / "summary.md").unlink()
     code = main(["report", "--matrix", str(finished_matrix["path"]), "--results", str(finished_matrix["results"])])
     assert code == ExitCode.OK
-    printed = capsys.readouterr().out
-    assert "matrix e2e: 3 cell(s)" in printed and "DatasetNotFoundError" in printed
+    captured = capsys.readouterr()
+    assert "matrix e2e: 3 cell(s), 1 finished configuration(s)" in captured.out
+    assert "dataset=digits" in captured.out and "seeds" in captured.out
+    assert "1 cell(s) not finished" in captured.err and "DatasetNotFoundError" in captured.err
     md = (out_dir / "summary.md").read_text()
     assert md.count("| finished |") == 2 and md.count("| failed |") == 1
+    assert "## Comparison" in md and "| dataset=digits | 2 |" in md  # two seeds of one configuration
+
+
+def test_report_formats_agree_with_the_summary(finished_matrix, capsys):
+    import json
+    import statistics
+
+    args = ["report", "--matrix", str(finished_matrix["path"]), "--results", str(finished_matrix["results"])]
+    rows = list(csv.DictReader((finished_matrix["results"] / "e2e" / "summary.csv").open()))
+    acc = [100 * float(r["test_top1"]) for r in rows if r["status"] == "finished"]
+    rates = [float(r["test_firing_rate"]) for r in rows if r["status"] == "finished"]
+
+    assert main([*args, "--format", "json"]) == ExitCode.OK
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert entry["configuration"] == "dataset=digits" and entry["seeds"] == 2
+    assert entry["test_top1"] == pytest.approx(statistics.fmean(acc))
+    assert entry["test_top1_std"] == pytest.approx(statistics.stdev(acc))
+    assert entry["test_firing_rate"] == pytest.approx(statistics.fmean(rates))
+    assert 0 < entry["test_firing_rate"] < 1 and entry["train_saved_mib"] > 0 and entry["synops"] > 0
+
+    assert main([*args, "--format", "csv"]) == ExitCode.OK
+    (parsed,) = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert float(parsed["test_top1"]) == pytest.approx(statistics.fmean(acc))
+    assert list(parsed)[:4] == ["configuration", "seeds", "test_top1", "test_top1_std"]
+
+    assert main([*args, "--format", "markdown"]) == ExitCode.OK
+    md = capsys.readouterr().out
+    assert md.startswith("| configuration | seeds | test top-1 (%) |")
+    assert f"{statistics.fmean(acc):.2f} ± {statistics.stdev(acc):.2f}" in md
+
+    from harness.plots import is_png
+
+    plots = finished_matrix["results"] / "e2e" / "plots"
+    assert is_png(plots / "test_accuracy.png") and is_png(plots / "firing_rate_per_step.png")
+    assert not (plots / "memory_vs_time_steps.png").exists()  # no time_steps axis in this matrix
 
 
 def test_rerun_with_only_keeps_earlier_rows_and_never_overwrites_runs(finished_matrix):

@@ -107,9 +107,11 @@ def test_tracking_uri_in_the_toml_points_a_run_at_a_real_server(mlflow_server, t
     assert kinds == ["cell", "matrix"]
     cell = next(r for r in runs if r.data.tags["harness.kind"] == "cell")
     assert cell.info.status == "FINISHED" and "test_top1" in cell.data.metrics
-    # The summary was uploaded through the server as an artifact of the parent run.
+    # The result files and plots were uploaded through the server as artifacts of the parent run.
     parent = next(r for r in runs if r.data.tags["harness.kind"] == "matrix")
-    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["summary.csv"]
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["history.csv", "plots", "summary.csv", "summary.md"]
+    plots = [a.path for a in client.list_artifacts(parent.info.run_id, "plots")]
+    assert plots == ["plots/firing_rate_per_step.png", "plots/test_accuracy.png"]
 
 
 def test_ui_command_serves_the_store(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import enum
+import os
 import signal
 import sys
 import traceback
@@ -77,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)
         return ExitCode.INTERRUPTED
+    except BrokenPipeError:  # `harness run --dry-run | head`: the reader has gone, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return ExitCode.OK
     except HarnessError as exc:  # deliberate errors about the set-up (a deleted experiment, no CUDA, ...)
         print(f"harness: error: {exc}", file=sys.stderr)
         return ExitCode.USAGE_ERROR

@@ -289,3 +289,39 @@ def test_sequence_and_single_mode_count_the_same_spikes():
             end_sequence(model)
         results.append(meter.metrics("test"))
     assert results[0] == pytest.approx(results[1])
+
+
+def test_a_time_steps_axis_gives_the_memory_plot_and_online_over_bptt_ratios(write_toml, tmp_path):
+    import csv
+
+    from harness.cli import main
+    from harness.plots import is_png
+    from harness.report import memory_ratios
+
+    path = write_toml("""
+        name = "mem"
+        [defaults]
+        dataset = "digits"
+        model = "vgg_small"
+        normalizer = "vanilla_bn"
+        epochs = 1
+        batch_size = 64
+        max_train_batches = 1
+        max_eval_batches = 1
+        meters = ["memory"]
+        [options.model.vgg_small]
+        channels = [4, 8]
+        [matrix]
+        trainer = ["online", "bptt"]
+        time_steps = [2, 4]
+    """)
+    results = tmp_path / "results"
+    assert main(["run", "--matrix", str(path), "--results", str(results)]) == 0
+    rows = list(csv.DictReader((results / "mem" / "summary.csv").open()))
+    saved = {(r["trainer"], r["time_steps"]): float(r["train_saved_bytes_peak"]) for r in rows}
+    assert saved[("online", "2")] == saved[("online", "4")]
+    ratios = memory_ratios(rows)
+    assert ratios == pytest.approx({2: saved[("online", "2")] / saved[("bptt", "2")], 4: saved[("online", "4")] / saved[("bptt", "4")]})
+    assert ratios[4] < ratios[2] < 1
+    assert is_png(results / "mem" / "plots" / "memory_vs_time_steps.png")
+    assert not any("firing_rate" in k for k in rows[0])  # only the memory meter was on

@@ -169,7 +169,8 @@ def on_cell_end(cell: Cell, result: CellResult) -> None:
     """A cell ended: ``result.status`` is ``"finished"``, ``"failed"`` or ``"killed"``.
 
     :param cell: the cell.
-    :param result: final metrics, status, and the error text of a failed cell.
+    :param result: final metrics, status, the error text of a failed cell, and
+        ``artifacts`` (file name -> bytes) the cell produced.
     """
 
 

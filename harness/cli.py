@@ -7,6 +7,7 @@ Exit codes follow pytest's convention: 0 every cell finished, 1 some cell failed
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import enum
 import os
 import signal
@@ -50,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                      help="run only cells whose KEY equals VALUE (repeatable; a repeated key matches any of its values)")
     run.add_argument("--executor", default="serial", help="how cells are run (default: %(default)s)")
+    run.add_argument("--rerun", action="store_true",
+                     help="run cells again that already finished in the tracking store (default: skip them)")
 
     lst = sub.add_parser("list", help="list the installed plugins by kind")
     lst.add_argument("--kind", default=None, help="only this kind (normalizer, threshold, trainer, loss, model, dataset)")
@@ -113,21 +116,32 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         return ExitCode.OK
 
     results_dir = Path(args.results)
-    run = MatrixRun(
-        matrix=matrix,
-        results_dir=results_dir,
-        tracking_uri=resolve_tracking_uri(results_dir, cli=args.tracking_uri, matrix=matrix),
-        experiment=matrix.tracking.experiment or DEFAULT_EXPERIMENT,
-        argv=["harness", *argv],
-    )
-    register_observers(pm)
-    from harness.session import run_matrix
+    tracking_uri = resolve_tracking_uri(results_dir, cli=args.tracking_uri, matrix=matrix)
+    experiment = matrix.tracking.experiment or DEFAULT_EXPERIMENT
+    from harness.lock import ResultsLock
+    from harness.session import preflight, run_matrix
 
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops cleanly, like Ctrl-C
-    try:
-        results = run_matrix(run, registry, pm.hook, EXECUTORS[args.executor]())
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with ResultsLock(results_dir):  # one run per results directory: a second one is refused
+        preflight(matrix, registry, tracking_uri)
+        register_observers(pm)
+        finished: list[Any] = []
+        if not args.rerun:
+            done = {cid for ids in pm.hook.finished_cells(matrix=matrix, tracking_uri=tracking_uri, experiment=experiment) for cid in ids}
+            finished = [c for c in matrix.cells if c.id in done]
+            if finished:
+                matrix = dataclasses.replace(matrix, cells=[c for c in matrix.cells if c.id not in done])
+                print(f"harness: {len(finished)} cell(s) already finished in {experiment!r} at {tracking_uri}: skipped "
+                      "(--rerun runs them again)", file=sys.stderr)
+            if not matrix.cells:
+                print("harness: nothing to run: every cell of the matrix has finished", file=sys.stderr)
+                return ExitCode.OK
+        run = MatrixRun(matrix=matrix, results_dir=results_dir, tracking_uri=tracking_uri, experiment=experiment,
+                        argv=["harness", *argv], already_finished=finished)
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops cleanly, like Ctrl-C
+        try:
+            results = run_matrix(run, registry, pm.hook, EXECUTORS[args.executor]())
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     return ExitCode.OK if all(r.status == "finished" for r in results) else ExitCode.CELLS_FAILED
 
 

@@ -10,6 +10,8 @@ Two families of hooks:
   the plugin calls ``registry.add(name, factory)`` for each component it contributes. An
   implementation is picked by the name written in the matrix file, never by hook order; two
   plugins giving the same name is an error naming both.
+* **Queries** (``finished_cells``) ask observers what they know before a matrix runs; the
+  answers of all implementations are combined.
 * **Lifecycle hooks** (``on_*``) are broadcasts to observers (MLflow tracking, the progress
   display, the summary writer are all observers). They return nothing and must not change
   what they are given.
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from harness.registry import ObserverRegistrar, Registrar
     from harness.runner import CellResult
     from harness.session import MatrixRun
-    from harness.matrix import Cell
+    from harness.matrix import Cell, Matrix
 
 PROJECT_NAME = "snn_harness"
 """The pluggy project name and the entry-point group of the plugin API."""
@@ -128,6 +130,24 @@ def register_observers(observers: ObserverRegistrar) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Queries: asked of observers before a matrix runs
+# ---------------------------------------------------------------------------------------------
+
+
+@hookspec
+def finished_cells(matrix: Matrix, tracking_uri: str, experiment: str) -> list[str]:
+    """Ids of the matrix's cells that already finished in the tracking store.
+
+    ``harness run`` skips them (``--rerun`` runs them again): a finished result is never
+    duplicated. Called before ``on_matrix_start``; every implementation's ids are combined.
+
+    :param matrix: the loaded matrix (its ``cells`` are the ones about to run).
+    :param tracking_uri: the resolved tracking URI.
+    :param experiment: the tracking experiment's name.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
 # Lifecycle: matrix
 # ---------------------------------------------------------------------------------------------
 
@@ -160,7 +180,9 @@ def on_cell_start(cell: Cell, info: dict[str, Any]) -> None:
 
     :param cell: the cell (its ``config`` is the fully resolved configuration).
     :param info: facts known once the cell is built: ``device``, ``num_parameters``, ``model_size_bytes``,
-        ``train_size``, ``test_size``.
+        ``train_size``, ``test_size``; ``resumed_from_epoch`` when the cell continues from its
+        checkpoint (the epochs up to it ran in an earlier process); ``checkpoint_discarded`` (the
+        reason) when a checkpoint was there but unusable and the cell starts from scratch.
     """
 
 

@@ -8,6 +8,7 @@ import random
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from harness import checkpoint
 from harness.config import CellConfig, OptimizerConfig, ScheduleConfig
 from harness.data import DatasetBundle, to_sequence, train_subset
 from harness.errors import HarnessError
@@ -113,13 +115,20 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epoch
     raise HarnessError(f"unknown lr schedule {cfg.name!r}; known: constant, cosine, step")
 
 
-def run_cell(cell: Cell, registry: Registry, hook: Any) -> CellResult:
+def run_cell(cell: Cell, registry: Registry, hook: Any, checkpoint_dir: Path | None = None) -> CellResult:
     """Train and evaluate one cell. Exceptions become a failed result (the matrix goes on);
-    ``KeyboardInterrupt`` marks the cell killed and propagates."""
+    ``KeyboardInterrupt`` marks the cell killed and propagates.
+
+    With ``checkpoint_dir``, the cell checkpoints into ``checkpoint_dir / cell.id`` at the end of
+    every epoch and, if a checkpoint is there when it starts, continues from it (the result equals
+    an uninterrupted run's on CPU). A finished or failed cell's checkpoint is removed; a killed
+    cell's is kept for the next run.
+    """
     start = time.perf_counter()
     result = CellResult(cell.id, cell.label, "failed")
+    ckpt = checkpoint_dir / cell.id if checkpoint_dir is not None else None
     try:
-        _train(cell, registry, hook, result)
+        _train(cell, registry, hook, result, ckpt)
         result.status = "finished"
     except KeyboardInterrupt as exc:
         result.status = "killed"
@@ -131,11 +140,59 @@ def run_cell(cell: Cell, registry: Registry, hook: Any) -> CellResult:
         result.error = traceback.format_exc()
         result.error_type = type(exc).__name__
     result.duration_s = time.perf_counter() - start
+    if ckpt is not None:
+        checkpoint.remove(ckpt)
     hook.on_cell_end(cell=cell, result=result)
     return result
 
 
-def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult) -> None:
+class DivergenceGuard:
+    """Stops a cell whose training loss or parameters become non-finite.
+
+    Losses are collected on the device and checked every ``every`` steps (and at the end of the
+    epoch) with one host sync, together with every parameter: a diverged cell stops within
+    ``every`` steps, with the step where the loss first went non-finite.
+    """
+
+    def __init__(self, model: nn.Module, every: int = 25) -> None:
+        self.params = [(n, p) for n, p in model.named_parameters()]
+        self.every = every
+        self.epoch = 0
+        self.pending: list[torch.Tensor] = []
+        self.last_step = 0
+
+    def start(self, epoch: int) -> None:
+        self.epoch, self.pending, self.last_step = epoch, [], 0
+
+    def step(self, step: int, loss: torch.Tensor) -> None:
+        self.pending.append(loss.detach().reshape(()).float())
+        self.last_step = step
+        if len(self.pending) >= self.every:
+            self.check()
+
+    def check(self) -> None:
+        if not self.pending:
+            return
+        losses = torch.stack(self.pending)
+        flags = torch.isfinite(losses)
+        if self.params:
+            flags = torch.cat([flags, torch.stack([torch.isfinite(p.detach()).all() for _, p in self.params]).to(flags.device)])
+        if bool(flags.all()):  # the one host sync
+            self.pending.clear()
+            return
+        n = len(self.pending)
+        first = self.last_step - n + 1
+        bad = (~flags[:n]).nonzero()
+        if len(bad):
+            j = int(bad[0])
+            raise DivergedError(f"diverged at epoch {self.epoch}, step {first + j}: training loss is {losses[j].item()}")
+        k = int((~flags[n:]).nonzero()[0])
+        raise DivergedError(
+            f"diverged at epoch {self.epoch}, by step {self.last_step}: parameter {self.params[k][0]!r} is not finite"
+        )
+
+
+def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: Path | None) -> None:
     cfg = cell.config
     generator = seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
@@ -155,25 +212,39 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult) -> Non
 
     meters = CellMeters(model, device, cfg.meters)
     static = model_size(model)
-    hook.on_cell_start(
-        cell=cell,
-        info={
-            "device": str(device),
-            **static,
-            "train_size": len(train_set),
-            "test_size": len(data.test),
-        },
-    )
     best = -math.inf
+    first_epoch = 1
+    info: dict[str, Any] = {"device": str(device), **static, "train_size": len(train_set), "test_size": len(data.test)}
+    state = None
+    if ckpt is not None:
+        try:
+            state = checkpoint.load(ckpt, cell.id)
+        except checkpoint.CheckpointError as exc:  # never fatal: the cell starts from scratch
+            info["checkpoint_discarded"] = f"{exc}; starting from scratch"
+            checkpoint.remove(ckpt)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        checkpoint.set_rng_state(state["rng"], generator)
+        first_epoch = int(state["epoch"]) + 1
+        best = float(state["best"])
+        result.metrics = dict(state["metrics"])
+        result.epochs_completed = int(state["epoch"])
+        info["resumed_from_epoch"] = int(state["epoch"])
+    hook.on_cell_start(cell=cell, info=info)
+    guard = DivergenceGuard(model)
     num_train = _batches(len(train_loader), cfg.max_train_batches)
     num_test = _batches(len(test_loader), cfg.max_eval_batches)
     try:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(first_epoch, cfg.epochs + 1):
             hook.on_epoch_start(cell=cell, epoch=epoch, num_train_batches=num_train, num_test_batches=num_test)
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
+            guard.start(epoch)
             train = _run_epoch(cell, "train", train_loader, num_train, device, data.temporal, hook, meters,
-                               lambda x, y: trainer.train_batch(model, x, y, loss_fn, optimizer))
+                               lambda x, y: trainer.train_batch(model, x, y, loss_fn, optimizer), guard)
             if not math.isfinite(train["train_loss"]):
                 raise DivergedError(f"diverged at epoch {epoch}: training loss is {train['train_loss']}")
             module_metrics = collect_epoch_metrics(model)  # e.g. OSR's fallback rate, from training steps
@@ -194,6 +265,16 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult) -> Non
             result.metrics = metrics
             result.epochs_completed = epoch
             hook.on_epoch_end(cell=cell, epoch=epoch, metrics=dict(metrics))
+            if ckpt is not None and epoch < cfg.epochs:
+                checkpoint.save(ckpt, cell.id, {
+                    "epoch": epoch,
+                    "best": best,
+                    "metrics": metrics,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                    "rng": checkpoint.rng_state(generator),
+                })
     finally:
         meters.close()
     if cfg.membrane_histograms:
@@ -206,7 +287,7 @@ def _batches(available: int, limit: int | None) -> int:
 
 def _run_epoch(
     cell: Cell, phase: str, loader: DataLoader, num_batches: int, device: torch.device, temporal: bool,
-    hook: Any, meters: CellMeters, step: Any,
+    hook: Any, meters: CellMeters, step: Any, guard: DivergenceGuard | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (at most ``num_batches`` batches); returns ``{phase}_loss``,
     ``{phase}_top1`` and the meters' metrics of the phase."""
@@ -228,11 +309,15 @@ def _run_epoch(
         meters.data_ready(time.perf_counter() - t_data)
         with meters.iteration():
             out = step(to_sequence(x, T, temporal), y)
+        if guard is not None:
+            guard.step(i, out.loss)
         loss_sum += out.loss.double() * out.count
         correct += out.correct
         count += out.count
         batches = i
         hook.on_batch_end(cell=cell, phase=phase, batch=i, num_batches=num_batches)
+    if guard is not None:
+        guard.check()
     count = max(count, 1)
     metrics = {f"{phase}_loss": loss_sum.item() / count, f"{phase}_top1": correct.item() / count}
     metrics.update(meters.end(phase, count, batches))

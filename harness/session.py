@@ -25,6 +25,11 @@ class MatrixRun:
     experiment: str
     argv: list[str] = field(default_factory=list)
     interrupted: bool = False
+    already_finished: list[Any] = field(default_factory=list)  # cells skipped: finished in an earlier run
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir / "checkpoints"
 
     @property
     def output_dir(self) -> Path:
@@ -57,7 +62,8 @@ def run_matrix(run: MatrixRun, registry: Registry, hook: Any, executor: Executor
     results: list[Any] = []
     hook.on_matrix_start(run=run)
     try:
-        for result in executor.map(functools.partial(run_cell, registry=registry, hook=hook), run.matrix.cells):
+        cell_fn = functools.partial(run_cell, registry=registry, hook=hook, checkpoint_dir=run.checkpoint_dir)
+        for result in executor.map(cell_fn, run.matrix.cells):
             results.append(result)
     except KeyboardInterrupt as exc:
         run.interrupted = True
@@ -68,3 +74,53 @@ def run_matrix(run: MatrixRun, registry: Registry, hook: Any, executor: Executor
     finally:
         hook.on_matrix_end(run=run, results=results)
     return results
+
+
+def preflight(matrix: Matrix, registry: Registry, tracking_uri: str) -> None:
+    """Fail before the first cell trains: an unreachable tracking server, a data set whose files
+    are missing. (Unknown plugins and bad options already failed when the matrix was loaded.)
+
+    :raises HarnessError: with what is wrong and what to do about it.
+    """
+    from harness.errors import HarnessError
+
+    check_tracking(tracking_uri)
+    seen: dict[str, list[str]] = {}
+    for cell in matrix.cells:
+        ds = cell.config.dataset
+        key = f"{ds.name} {sorted(ds.options.items())!r}"
+        if key in seen:
+            continue
+        seen[key] = [cell.label]
+        try:
+            registry.datasets[ds.name](**ds.options)
+        except Exception as exc:
+            raise HarnessError(f"data set {ds.name!r} (first needed by cell [{cell.label}]) cannot be loaded: {exc}") from exc
+
+
+def check_tracking(uri: str, timeout: float = 5.0) -> None:
+    """An HTTP tracking server must answer ``/health``; a SQLite store's directory must be writable."""
+    import urllib.error
+    import urllib.request
+
+    from harness.errors import HarnessError
+
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
+                if response.status >= 400:
+                    raise HarnessError(f"tracking server {uri} answered /health with HTTP {response.status}")
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise HarnessError(
+                f"tracking server {uri} is not reachable ({reason}). Start it (e.g. `mlflow server --host 127.0.0.1 "
+                "--port 5000`), or point the run elsewhere with --tracking-uri, [tracking] uri or MLFLOW_TRACKING_URI"
+            ) from None
+    elif uri.startswith("sqlite:///"):
+        directory = Path(uri[len("sqlite:///"):]).parent
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise HarnessError(f"cannot create the directory of the tracking store {uri}: {exc}") from None
+        if not os.access(directory, os.W_OK):
+            raise HarnessError(f"the directory of the tracking store {uri} is not writable")

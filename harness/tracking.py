@@ -21,6 +21,9 @@ TAG_CELL_LABEL = "harness.cell_label"
 TAG_STATUS = "harness.status"
 TAG_ERROR_TYPE = "harness.error_type"
 TAG_AXES = "harness.axes"  # comma-separated axis names of the matrix
+TAG_HOST = "harness.host"
+TAG_PID = "harness.pid"
+TAG_CODE_VERSION = "harness.code_version"
 
 
 def client(uri: str) -> Any:
@@ -53,6 +56,70 @@ def cell_runs(mlflow_client: Any, experiment: str, matrix_name: str) -> list[Any
         order_by=["attributes.start_time ASC"],
         max_results=50000,
     )
+
+
+def finished_cell_ids(mlflow_client: Any, experiment: str, matrix_name: str) -> list[str]:
+    """Cell ids of the matrix with a FINISHED run in the experiment."""
+    return sorted({r.data.tags.get(TAG_CELL_ID, "") for r in cell_runs(mlflow_client, experiment, matrix_name)
+                   if r.info.status == "FINISHED"} - {""})
+
+
+def resumable_run(mlflow_client: Any, experiment_id: str, matrix_name: str, cell_id: str) -> Any:
+    """The latest KILLED (or dead RUNNING) run of a cell, which a resumed cell continues."""
+    runs = mlflow_client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{TAG_MATRIX}` = '{matrix_name}' and tags.`{TAG_CELL_ID}` = '{cell_id}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=10,
+    )
+    for run in runs:
+        if run.info.status in ("KILLED", "RUNNING"):
+            return run
+        if run.info.status == "FINISHED":
+            return None
+    return None
+
+
+def _process_alive(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def reconcile_dead_runs(mlflow_client: Any, experiment: str, matrix_name: str) -> list[str]:
+    """Mark KILLED the runs of this matrix that are RUNNING although the process that ran them
+    (same host, by its pid tag) is gone -- MLflow itself leaves a SIGKILL'd run RUNNING forever.
+    Returns their run ids."""
+    import os
+    import socket
+
+    exp = mlflow_client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = mlflow_client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{TAG_MATRIX}` = '{matrix_name}' and attributes.status = 'RUNNING'", max_results=50000
+    )
+    host, me = socket.gethostname(), os.getpid()
+    dead = []
+    for run in runs:
+        tags = run.data.tags
+        try:
+            pid = int(tags.get(TAG_PID, ""))
+        except ValueError:
+            continue
+        if tags.get(TAG_HOST) != host or pid == me or _process_alive(pid):
+            continue
+        mlflow_client.set_tag(run.info.run_id, TAG_STATUS, "killed")
+        mlflow_client.set_tag(run.info.run_id, "harness.reconciled", "the process running it was gone")
+        mlflow_client.set_terminated(run.info.run_id, status="KILLED")
+        dead.append(run.info.run_id)
+    return dead
 
 
 def report_rows(uri: str, experiment: str, matrix_name: str) -> list[dict[str, Any]]:

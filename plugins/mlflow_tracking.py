@@ -10,8 +10,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import os
+import socket
+
 from harness import hookimpl, tracking
 from harness.config import flatten
+from harness.version import code_version
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
 STATUS_MLFLOW = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
@@ -19,6 +23,11 @@ STATUS_MLFLOW = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 
 def _param_value(value: Any) -> str:
     return str(value)[:6000]
+
+
+def _process_tags() -> dict[str, str]:
+    """Who is running a run: a RUNNING run whose process is gone was left by a dead process."""
+    return {tracking.TAG_HOST: socket.gethostname(), tracking.TAG_PID: str(os.getpid()), tracking.TAG_CODE_VERSION: code_version()}
 
 
 class MlflowTracker:
@@ -39,6 +48,7 @@ class MlflowTracker:
         self.client = tracking.client(run.tracking_uri)
         artifact_root = run.results_dir / "mlartifacts" if run.tracking_uri.startswith("sqlite:") else None
         self.experiment_id = tracking.ensure_experiment(self.client, run.experiment, artifact_root)
+        self.reconciled = tracking.reconcile_dead_runs(self.client, run.experiment, run.matrix.name)
         m = run.matrix
         parent = self.client.create_run(
             self.experiment_id,
@@ -49,6 +59,7 @@ class MlflowTracker:
                 tracking.TAG_MATRIX_FILE: m.path,
                 tracking.TAG_AXES: ",".join(m.axes),
                 "harness.argv": " ".join(run.argv)[:5000],
+                **_process_tags(),
             },
         )
         self.parent_id = parent.info.run_id
@@ -63,6 +74,16 @@ class MlflowTracker:
     def on_cell_start(self, cell: Any, info: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
+        if info.get("resumed_from_epoch"):
+            previous = tracking.resumable_run(self.client, self.experiment_id, self.run.matrix.name, cell.id)
+            if previous is not None:  # continue the killed run: one MLflow run per cell
+                run_id = previous.info.run_id
+                self.client.update_run(run_id, status="RUNNING")
+                for key, value in {**_process_tags(), tracking.TAG_STATUS: "running", "mlflow.parentRunId": self.parent_id,
+                                   "harness.resumed_from_epoch": str(info["resumed_from_epoch"])}.items():
+                    self.client.set_tag(run_id, key, value)
+                self.runs[cell.id] = run_id
+                return
         m = self.run.matrix
         child = self.client.create_run(
             self.experiment_id,
@@ -77,12 +98,14 @@ class MlflowTracker:
                 tracking.TAG_AXES: ",".join(m.axes),
                 tracking.TAG_STATUS: "running",
                 "harness.device": str(info.get("device", "")),
+                **_process_tags(),
+                **({"harness.checkpoint_discarded": str(info["checkpoint_discarded"])[:5000]} if "checkpoint_discarded" in info else {}),
             },
         )
         run_id = child.info.run_id
         self.runs[cell.id] = run_id
         params = [Param(k, _param_value(v)) for k, v in flatten(cell.config).items()]
-        params += [Param(f"info.{k}", _param_value(v)) for k, v in info.items() if k != "device"]
+        params += [Param(f"info.{k}", _param_value(v)) for k, v in info.items() if k not in ("device", "checkpoint_discarded", "resumed_from_epoch")]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
 
@@ -138,6 +161,13 @@ class MlflowTracker:
             status = "FINISHED"
         self.client.set_tag(self.parent_id, tracking.TAG_STATUS, status.lower())
         self.client.set_terminated(self.parent_id, status=status)
+
+
+    @hookimpl
+    def finished_cells(self, matrix: Any, tracking_uri: str, experiment: str) -> list[str]:
+        client = tracking.client(tracking_uri)
+        tracking.reconcile_dead_runs(client, experiment, matrix.name)  # also when nothing is left to run
+        return tracking.finished_cell_ids(client, experiment, matrix.name)
 
 
 @hookimpl

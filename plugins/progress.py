@@ -77,6 +77,10 @@ class ProgressDisplay:
     def on_cell_start(self, cell: Any, info: dict[str, Any]) -> None:
         self.cell_epochs = cell.config.epochs
         head = f"[cell {self.done + 1}/{self.total}] {cell.label} ({cell.id})"
+        if info.get("resumed_from_epoch"):
+            head += f" resumed after epoch {info['resumed_from_epoch']}"
+        if info.get("checkpoint_discarded"):
+            self.console.print(f"  warning: {info['checkpoint_discarded']}", markup=False)
         if self.progress is not None:
             self.progress.console.print(f"{head} on {info.get('device')}", markup=False)
             for name in ("epochs", "batches"):

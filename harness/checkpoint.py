@@ -1,0 +1,98 @@
+"""Per-cell checkpoints: everything needed to continue a cell exactly where it stopped.
+
+A checkpoint is written at the end of every epoch to ``<dir>/last.pt`` (a temporary file, then
+``os.replace``: a kill while writing leaves the previous checkpoint intact). It holds the model,
+optimizer and scheduler states, the epoch, the best metric, the last epoch's metrics and every
+random state that orders the rest of the run (Python, NumPy, torch CPU and CUDA, and the
+generator that shuffles the training data). It is read with ``torch.load(weights_only=True)``:
+loading a checkpoint never executes code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from harness.errors import HarnessError
+
+FORMAT = 1
+FILE = "last.pt"
+
+
+class CheckpointError(HarnessError):
+    """A checkpoint exists but cannot be used (corrupt, or written for another cell)."""
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    return {
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "data": generator.get_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["data"])
+
+
+def save(directory: Path, cell_id: str, state: dict[str, Any]) -> Path:
+    """Write ``state`` (plus the format and the cell id) atomically; returns the file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / FILE
+    tmp = directory / f".{FILE}.{os.getpid()}.tmp"
+    buf = io.BytesIO()
+    torch.save({"format": FORMAT, "cell_id": cell_id, **state}, buf)
+    with tmp.open("wb") as fh:
+        fh.write(buf.getvalue())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load(directory: Path, cell_id: str) -> dict[str, Any] | None:
+    """The checkpoint of ``cell_id`` in ``directory``, or None if there is none.
+
+    :raises CheckpointError: the file is unreadable or belongs to another cell.
+    """
+    path = directory / FILE
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, garbage, or not a weights-only file
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("cell_id") != cell_id:
+        raise CheckpointError(f"checkpoint {path} is not a format-{FORMAT} checkpoint of cell {cell_id}")
+    return state
+
+
+def remove(directory: Path) -> None:
+    """Delete the cell's checkpoint files (the directory too, when empty)."""
+    if not directory.exists():
+        return
+    for p in directory.iterdir():
+        if p.name == FILE or p.name.startswith(f".{FILE}."):
+            p.unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:
+        pass

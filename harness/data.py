@@ -37,11 +37,12 @@ def train_subset(dataset: Dataset, size: int | None, seed: int = 0) -> Dataset:
 def to_sequence(x: Tensor, time_steps: int, temporal: bool) -> Tensor:
     """A batch as the network's input sequence ``[T, B, ...]``.
 
-    Static images are repeated at every step (a view, no copy); frame data ``[B, T, ...]``
-    is moved to time-major order.
+    Static images are repeated at every step (a view, no copy); frame data ``[B, F, ...]``
+    is moved to time-major order and runs for its ``F`` frames -- fewer than ``time_steps`` when a
+    training augmentation dropped frames (DVS-Gesture keeps 14 of 20), never more.
     """
     if temporal:
-        if x.shape[1] != time_steps:
+        if x.shape[1] > time_steps:
             raise ValueError(f"the data set gives {x.shape[1]} frames per sample but time_steps = {time_steps}")
         return x.transpose(0, 1)
     return x.unsqueeze(0).expand(time_steps, *x.shape)

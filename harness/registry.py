@@ -40,7 +40,7 @@ INJECTED: dict[str, frozenset[str]] = {
     "trainer": frozenset(),
     "loss": frozenset(),
     "model": frozenset({"in_channels", "num_classes", "input_size", "layers"}),
-    "dataset": frozenset(),
+    "dataset": frozenset({"time_steps"}),  # frame-based data sets bin events into the cell's T frames
 }
 
 BUILTIN_DISTRIBUTION = "snn-harness"

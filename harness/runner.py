@@ -68,6 +68,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def load_dataset(config: CellConfig, registry: Registry) -> DatasetBundle:
+    """The cell's data set; a factory that takes ``time_steps`` gets the cell's T (frame data)."""
+    ds = config.dataset
+    extra = {"time_steps": config.time_steps} if registry.datasets.info(ds.name).takes("time_steps") else {}
+    return registry.datasets[ds.name](**extra, **ds.options)
+
+
 def build_model(config: CellConfig, registry: Registry, data: DatasetBundle) -> nn.Module:
     norm = config.normalizer
     norm_info = registry.normalizers.info(norm.name)
@@ -196,7 +203,7 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
     cfg = cell.config
     generator = seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    data = registry.datasets[cfg.dataset.name](**cfg.dataset.options)
+    data = load_dataset(cfg, registry)
     train_set = train_subset(data.train, cfg.train_subset)
     pin = device.type == "cuda"
     train_loader = DataLoader(

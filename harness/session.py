@@ -84,16 +84,18 @@ def preflight(matrix: Matrix, registry: Registry, tracking_uri: str) -> None:
     """
     from harness.errors import HarnessError
 
+    from harness.runner import load_dataset
+
     check_tracking(tracking_uri)
-    seen: dict[str, list[str]] = {}
+    seen: set[str] = set()
     for cell in matrix.cells:
         ds = cell.config.dataset
-        key = f"{ds.name} {sorted(ds.options.items())!r}"
+        key = f"{ds.name} {sorted(ds.options.items())!r} {cell.config.time_steps}"
         if key in seen:
             continue
-        seen[key] = [cell.label]
+        seen.add(key)
         try:
-            registry.datasets[ds.name](**ds.options)
+            load_dataset(cell.config, registry)
         except Exception as exc:
             raise HarnessError(f"data set {ds.name!r} (first needed by cell [{cell.label}]) cannot be loaded: {exc}") from exc
 

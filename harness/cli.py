@@ -7,6 +7,7 @@ Exit codes follow pytest's convention: 0 every cell finished, 1 some cell failed
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import enum
 import os
@@ -118,23 +119,31 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     results_dir = Path(args.results)
     tracking_uri = resolve_tracking_uri(results_dir, cli=args.tracking_uri, matrix=matrix)
     experiment = matrix.tracking.experiment or DEFAULT_EXPERIMENT
+    from harness import parallel
     from harness.lock import ResultsLock
     from harness.session import preflight, run_matrix
 
-    with ResultsLock(results_dir):  # one run per results directory: a second one is refused
-        preflight(matrix, registry, tracking_uri)
-        register_observers(pm)
+    par = parallel.init_from_environment()  # torchrun: every process runs the same cells together
+    lock = ResultsLock(results_dir) if par.is_main else contextlib.nullcontext()
+    with lock:  # one run per results directory: a second one is refused
         finished: list[Any] = []
-        if not args.rerun:
-            done = {cid for ids in pm.hook.finished_cells(matrix=matrix, tracking_uri=tracking_uri, experiment=experiment) for cid in ids}
-            finished = [c for c in matrix.cells if c.id in done]
-            if finished:
-                matrix = dataclasses.replace(matrix, cells=[c for c in matrix.cells if c.id not in done])
+        if par.is_main:
+            preflight(matrix, registry, tracking_uri)
+            register_observers(pm)  # only process 0 tracks, writes and displays
+            if not args.rerun:
+                done = {cid for ids in pm.hook.finished_cells(matrix=matrix, tracking_uri=tracking_uri, experiment=experiment) for cid in ids}
+                finished = [c for c in matrix.cells if c.id in done]
+        finished_ids = parallel.broadcast_object([c.id for c in finished], par)
+        finished = [c for c in matrix.cells if c.id in set(finished_ids)]
+        if finished:
+            matrix = dataclasses.replace(matrix, cells=[c for c in matrix.cells if c.id not in set(finished_ids)])
+            if par.is_main:
                 print(f"harness: {len(finished)} cell(s) already finished in {experiment!r} at {tracking_uri}: skipped "
                       "(--rerun runs them again)", file=sys.stderr)
-            if not matrix.cells:
+        if not matrix.cells:
+            if par.is_main:
                 print("harness: nothing to run: every cell of the matrix has finished", file=sys.stderr)
-                return ExitCode.OK
+            return ExitCode.OK
         run = MatrixRun(matrix=matrix, results_dir=results_dir, tracking_uri=tracking_uri, experiment=experiment,
                         argv=["harness", *argv], already_finished=finished)
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops cleanly, like Ctrl-C

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, Sampler, Subset
 
 
 @dataclass
@@ -46,3 +46,29 @@ def to_sequence(x: Tensor, time_steps: int, temporal: bool) -> Tensor:
             raise ValueError(f"the data set gives {x.shape[1]} frames per sample but time_steps = {time_steps}")
         return x.transpose(0, 1)
     return x.unsqueeze(0).expand(time_steps, *x.shape)
+
+
+class EpochShuffle(Sampler[int]):
+    """The training order: a fresh permutation every epoch, a function of ``(seed, epoch)`` only.
+
+    Under data parallelism process ``rank`` of ``world`` takes every ``world``-th index of the
+    permutation (the first ``n - n % world`` of it), so that the processes' ``i``-th batches of
+    ``B / world`` samples together are the single-process ``i``-th batch of ``B``. Depending on
+    nothing but the seed and the epoch, the order also survives a resume from a checkpoint.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+        self.size, self.seed, self.rank, self.world = size, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return (self.size - self.size % self.world) // self.world
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.size, generator=g)
+        usable = self.size - self.size % self.world
+        return iter(perm[:usable][self.rank :: self.world].tolist())

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from harness import checkpoint
+from harness import checkpoint, parallel
 from harness.config import CellConfig, OptimizerConfig, ScheduleConfig
-from harness.data import DatasetBundle, to_sequence, train_subset
+from harness.data import DatasetBundle, EpochShuffle, to_sequence, train_subset
 from harness.errors import HarnessError
 from harness.matrix import Cell
 from harness.meters.cell import CellMeters, model_size
@@ -147,7 +147,7 @@ def run_cell(cell: Cell, registry: Registry, hook: Any, checkpoint_dir: Path | N
         result.error = traceback.format_exc()
         result.error_type = type(exc).__name__
     result.duration_s = time.perf_counter() - start
-    if ckpt is not None:
+    if ckpt is not None and parallel.current().is_main:
         checkpoint.remove(ckpt)
     hook.on_cell_end(cell=cell, result=result)
     return result
@@ -184,9 +184,14 @@ class DivergenceGuard:
         flags = torch.isfinite(losses)
         if self.params:
             flags = torch.cat([flags, torch.stack([torch.isfinite(p.detach()).all() for _, p in self.params]).to(flags.device)])
-        if bool(flags.all()):  # the one host sync
+        ok = flags.all().float().reshape(1)
+        if parallel.current().enabled:  # every process stops together, or none does
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        if bool(ok.item()):  # the one host sync
             self.pending.clear()
             return
+        if bool(flags.all()):
+            raise DivergedError(f"diverged at epoch {self.epoch}, by step {self.last_step}, in another process")
         n = len(self.pending)
         first = self.last_step - n + 1
         bad = (~flags[:n]).nonzero()
@@ -201,14 +206,20 @@ class DivergenceGuard:
 
 def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: Path | None) -> None:
     cfg = cell.config
+    par = parallel.current()
+    if cfg.batch_size % par.world_size:
+        raise HarnessError(f"batch_size {cfg.batch_size} does not split evenly over {par.world_size} processes")
     generator = seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = parallel.device_for(cfg.device, par) or resolve_device(cfg.device)
     data = load_dataset(cfg, registry)
     train_set = train_subset(data.train, cfg.train_subset)
     pin = device.type == "cuda"
+    sampler = EpochShuffle(len(train_set), cfg.seed, par.rank, par.world_size)  # type: ignore[arg-type]
     train_loader = DataLoader(
-        train_set, batch_size=cfg.batch_size, shuffle=True, generator=generator, num_workers=cfg.num_workers, pin_memory=pin
+        train_set, batch_size=cfg.batch_size // par.world_size, sampler=sampler, generator=generator,
+        num_workers=cfg.num_workers, pin_memory=pin,
     )
+    # Every process evaluates the whole test set (no collective can then wait on a shard's end).
     test_loader = DataLoader(data.test, batch_size=cfg.eval_batch_size or cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin)
 
     model = build_model(cfg, registry, data).to(device)
@@ -216,6 +227,7 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
     loss_fn = registry.losses[cfg.loss.name](**cfg.loss.options)
     optimizer = build_optimizer(model.parameters(), cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.lr_schedule, cfg.epochs)
+    step_optimizer = parallel.GradientAveragingOptimizer(optimizer) if par.enabled else optimizer
 
     meters = CellMeters(model, device, cfg.meters)
     static = model_size(model)
@@ -250,8 +262,9 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
             t0 = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
             guard.start(epoch)
+            sampler.set_epoch(epoch)
             train = _run_epoch(cell, "train", train_loader, num_train, device, data.temporal, hook, meters,
-                               lambda x, y: trainer.train_batch(model, x, y, loss_fn, optimizer), guard)
+                               lambda x, y: trainer.train_batch(model, x, y, loss_fn, step_optimizer), guard)
             if not math.isfinite(train["train_loss"]):
                 raise DivergedError(f"diverged at epoch {epoch}: training loss is {train['train_loss']}")
             module_metrics = collect_epoch_metrics(model)  # e.g. OSR's fallback rate, from training steps
@@ -272,7 +285,7 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
             result.metrics = metrics
             result.epochs_completed = epoch
             hook.on_epoch_end(cell=cell, epoch=epoch, metrics=dict(metrics))
-            if ckpt is not None and epoch < cfg.epochs:
+            if ckpt is not None and epoch < cfg.epochs and par.is_main:
                 checkpoint.save(ckpt, cell.id, {
                     "epoch": epoch,
                     "best": best,
@@ -325,6 +338,10 @@ def _run_epoch(
         hook.on_batch_end(cell=cell, phase=phase, batch=i, num_batches=num_batches)
     if guard is not None:
         guard.check()
+    if phase == "train" and parallel.current().enabled:  # the union batch's loss and accuracy
+        totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(count), device=device, dtype=torch.float64)])
+        parallel.all_reduce_sum(totals)
+        loss_sum, correct, count = totals[0], totals[1], int(totals[2].item())
     count = max(count, 1)
     metrics = {f"{phase}_loss": loss_sum.item() / count, f"{phase}_top1": correct.item() / count}
     metrics.update(meters.end(phase, count, batches))

@@ -1,17 +1,22 @@
 """Built-in normalizers: ``vanilla_bn`` (per-step batch normalization, METHOD.md section 4),
 ``osr`` (Online Spiking Renormalization, paper Eqs. 8-15, Algorithms 1-2, METHOD.md section 5) and
-the baselines ``bntt``, ``tdbn``, ``tebn`` (METHOD.md section 7)."""
+the baselines ``bntt``, ``tdbn``, ``tebn`` (METHOD.md section 7).
+
+Under data-parallel training (``torch.distributed`` initialized with more than one process) every
+batch statistic is computed over the union of the processes' batches, like ``nn.SyncBatchNorm``,
+gradients included (:mod:`harness.snn.distributed`): W processes with B/W samples each give the
+numbers of one process with B samples. Single-process results are unchanged, bit for bit."""
 
 from __future__ import annotations
 
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from harness import hookimpl
 from harness.snn import SequenceModule
+from harness.snn.distributed import batch_norm, synced_moments
 
 
 def _channel_view(t: Tensor, ndim: int, channel_dim: int) -> Tensor:
@@ -105,7 +110,7 @@ class VanillaBatchNorm(_StepStatisticsNorm):
             mean = _channel_view(self.running_mean, x.ndim, channel_dim)
             var = _channel_view(self.running_var, x.ndim, channel_dim)
             return self._affine((x - mean) * torch.rsqrt(var + self.eps), channel_dim)
-        var, mean = torch.var_mean(x, dim=stat_dims, correction=0, keepdim=True)
+        mean, var, _ = synced_moments(x, stat_dims)  # across processes under DDP
         self._accumulate(mean.detach(), var.detach())
         return self._affine((x - mean) * torch.rsqrt(var + self.eps), channel_dim)
 
@@ -146,6 +151,9 @@ class OnlineSpikingRenormalization(_StepStatisticsNorm):
       ``sqrt(var[t]+eps)/sqrt(run_var+eps)`` on its first term; ``"paper"`` (autograd of Alg. 1).
 
     Running buffers start at mean 0, variance 1 (official code); eps = 1e-4 (official code).
+    Under DDP, ``mu[t]`` and ``var[t]`` are those of the union batch (the official code
+    synchronizes them too): the all-time statistics, the fallback decision and its count are the
+    same on every process.
     """
 
     def __init__(
@@ -211,7 +219,7 @@ class OnlineSpikingRenormalization(_StepStatisticsNorm):
         if not self.training:
             return affine((x - run_mean) / run_std)  # Eq. 8 / Alg. 1, inference
 
-        var, mean = torch.var_mean(x, dim=stat_dims, correction=0, keepdim=True)  # Eq. 13
+        mean, var, _ = synced_moments(x, stat_dims)  # Eq. 13, across processes under DDP
         self._accumulate(mean.detach(), var.detach())
         if self.mode == "linear":  # Appendix E ablation: Eq. 8 in training, no BN inside
             return affine((x - run_mean) / run_std)
@@ -265,7 +273,7 @@ class BatchNormThroughTime(SequenceModule):
         t = self.t
         if t >= self.steps:
             raise ValueError(f"bntt was built for {self.steps} time steps; step {t + 1} has no statistics of its own")
-        return F.batch_norm(
+        return batch_norm(
             x, self.running_mean[t], self.running_var[t], self.weight[t], None, self.training, self.momentum, self.eps
         )
 
@@ -286,7 +294,7 @@ class _WholeSequenceBatchNorm(SequenceModule):
         self.register_buffer("running_var", torch.ones(num_features))
 
     def _bn(self, x: Tensor) -> Tensor:
-        y = F.batch_norm(
+        y = batch_norm(
             x.flatten(0, 1), self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
         )
         return y.unflatten(0, x.shape[:2])

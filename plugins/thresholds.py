@@ -10,6 +10,7 @@ from torch import Tensor
 
 from harness import hookimpl
 from harness.snn import ThresholdPolicy
+from harness.snn.distributed import is_synchronized, synced_moments
 
 
 class FixedThreshold(ThresholdPolicy):
@@ -42,6 +43,10 @@ class OnlineThresholdStabilizer(ThresholdPolicy):
     batch; ``"running"`` keeps per-step running thresholds (EMA with ``momentum`` over training
     sequences, in the state dict) and uses them at inference, so a test result does not depend
     on the test batch (Appendix E). Steps beyond the trained ``T`` use the last running threshold.
+
+    Under DDP (training), ``mu[t]`` and ``sigma[t]`` are those of the union batch, so thresholds
+    and running thresholds are the same on every process. Dynamic thresholds at inference use each
+    process's own test batch (no collective in evaluation).
     """
 
     def __init__(
@@ -94,8 +99,12 @@ class OnlineThresholdStabilizer(ThresholdPolicy):
                 raise RuntimeError("ots: eval_threshold = 'running' but no running thresholds were trained")
             return self.running_theta[min(t, self.running_theta.numel() - 1)]
         u = u.detach()
-        mu = u.mean()
-        sigma = u.std().clamp_min(self.min_std) if u.numel() > 1 else u.new_tensor(self.min_std)
+        if is_synchronized(self.training):  # DDP: statistics of the union batch, same theta everywhere
+            mu, var, n = synced_moments(u, tuple(range(u.ndim)), keepdim=False)
+            sigma = torch.sqrt(var * (n / (n - 1).clamp_min(1))).clamp_min(self.min_std)  # unbiased, as torch.std
+        else:
+            mu = u.mean()
+            sigma = u.std().clamp_min(self.min_std) if u.numel() > 1 else u.new_tensor(self.min_std)
         if t == 0 or self._r is None:
             self._r = (self.theta - mu) / sigma  # the quantile of theta[1] = theta
             theta = u.new_tensor(self.theta)

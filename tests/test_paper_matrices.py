@@ -1,0 +1,46 @@
+"""The ready paper matrices carry Table 3's hyperparameters and the rows of Tables 1 and 4."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from harness.matrix import load_matrix
+
+REPO = Path(__file__).resolve().parents[1]
+
+# data set: (epochs, batch, lr, weight decay, TET mse weight, neuron dropout, T)  -- METHOD.md section 8
+TABLE3 = {
+    "paper-cifar10": (300, 128, 0.1, 5e-4, 0.05, 0.0, 4),
+    "paper-cifar100": (300, 128, 0.1, 5e-4, 0.05, 0.0, 4),
+    "paper-dvs-gesture": (300, 128, 0.01, 5e-4, 0.001, 0.05, 20),
+    "paper-cifar10-dvs": (300, 128, 0.1, 5e-4, 0.001, 0.1, 10),
+    "paper-imagenet": (100, 256, 0.1, 2e-5, 0.05, 0.0, 4),
+}
+ROWS = {
+    "paper-cifar10": {("vggsnn", "online", "vanilla_bn", "fixed"), ("vggsnn", "online", "osr", "fixed"), ("vggsnn", "online", "osr", "ots"),
+                      ("resnet19", "online", "osr", "ots"), ("vggsnn", "bptt", "vanilla_bn", "fixed"), ("vggsnn", "bptt", "tdbn", "fixed"),
+                      ("vggsnn", "bptt", "tebn", "fixed")},
+    "paper-dvs-gesture": {("vggsnn", "online", "osr", "ots"), ("vggsnn", "online", "vanilla_bn", "fixed"), ("vggsnn", "bptt", "vanilla_bn", "fixed")},
+    "paper-imagenet": {("sew_resnet34", "online", "vanilla_bn", "fixed"), ("sew_resnet34", "online", "osr", "fixed"),
+                       ("sew_resnet34", "online", "osr", "ots"), ("nf_resnet34", "online", "osr", "ots")},
+}
+ROWS["paper-cifar100"] = ROWS["paper-cifar10"]
+ROWS["paper-cifar10-dvs"] = ROWS["paper-dvs-gesture"]
+
+
+@pytest.mark.parametrize("name", sorted(TABLE3))
+def test_paper_matrix_has_table_3_hyperparameters_and_the_paper_rows(name, registry):
+    m = load_matrix(REPO / "benchmarks" / f"{name}.toml", registry)
+    assert m.name == name and not m.skipped
+    epochs, batch, lr, wd, mse, dropout, T = TABLE3[name]
+    for cell in m.cells:
+        c = cell.config
+        assert (c.epochs, c.batch_size, c.optimizer.lr, c.optimizer.weight_decay, c.time_steps) == (epochs, batch, lr, wd, T)
+        assert c.optimizer.name == "sgd" and c.optimizer.momentum == 0.9 and c.lr_schedule.name == "cosine"
+        assert c.loss.name == "tet" and c.loss.options["mse_weight"] == mse
+        assert c.model.options.get("dropout", 0.0) == dropout
+        assert c.seed == 1  # the official code's seed
+    rows = {(c.config.model.name, c.config.trainer.name, c.config.normalizer.name, c.config.threshold.name) for c in m.cells}
+    assert rows == ROWS[name]

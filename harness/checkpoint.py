@@ -3,8 +3,9 @@
 A checkpoint is written at the end of every epoch to ``<dir>/last.pt`` (a temporary file, then
 ``os.replace``: a kill while writing leaves the previous checkpoint intact). It holds the model,
 optimizer and scheduler states, the epoch, the best metric, the last epoch's metrics and every
-random state that orders the rest of the run (Python, NumPy, torch CPU and CUDA, and the
-generator that shuffles the training data). It is read with ``torch.load(weights_only=True)``:
+random state the rest of the run draws from (Python, NumPy, torch CPU and CUDA, and the
+generator that seeds the data-loading workers; the training order is a function of the seed and
+the epoch). It is read with ``torch.load(weights_only=True)``:
 loading a checkpoint never executes code.
 """
 

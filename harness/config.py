@@ -114,6 +114,15 @@ def cell_id(config: CellConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def config_id(config: CellConfig) -> str:
+    """The id of the cell's configuration without its seed: the seeds of one configuration share
+    it, and the comparison over seeds groups by it (never by labels, which a changed matrix can
+    reuse for other settings)."""
+    flat = {k: v for k, v in flatten(config).items() if k not in OBSERVATION_KEYS and k != "seed"}
+    text = json.dumps(flat, sort_keys=True, default=repr, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def to_dict(config: CellConfig) -> dict[str, Any]:
     return dataclasses.asdict(config)
 

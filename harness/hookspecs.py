@@ -3,7 +3,7 @@
 Plugins implement these with ``@harness.hookimpl`` and are found through the
 ``snn_harness`` entry-point group (the built-in plugins are found the same way).
 
-Two families of hooks:
+Three families of hooks:
 
 * **Registration hooks** (``register_*``) are called once per plugin when the registry is
   built. Each receives a :class:`~harness.registry.Registrar` bound to the calling plugin;
@@ -189,6 +189,9 @@ def on_cell_start(cell: Cell, info: dict[str, Any]) -> None:
 @hookspec
 def on_cell_end(cell: Cell, result: CellResult) -> None:
     """A cell ended: ``result.status`` is ``"finished"``, ``"failed"`` or ``"killed"``.
+
+    It can come without an ``on_cell_start`` when the cell failed or was stopped before it was
+    built (e.g. while loading its data).
 
     :param cell: the cell.
     :param result: final metrics, status, the error text of a failed cell, and

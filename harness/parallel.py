@@ -89,6 +89,7 @@ class GradientAveragingOptimizer:
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.__dict__["optimizer"] = optimizer
+        self.__dict__["_synchronized"] = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.optimizer, name)
@@ -96,7 +97,11 @@ class GradientAveragingOptimizer:
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.optimizer, name, value)
 
-    def step(self, closure: Any = None) -> Any:
+    def synchronize(self) -> None:
+        """Average the gradients now (once per step): before clipping, say, so that the clipped
+        update is the union batch's (``harness.training.clip_grad_norm`` calls this)."""
+        if self._synchronized:
+            return
         world = dist.get_world_size()
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads:
@@ -108,4 +113,11 @@ class GradientAveragingOptimizer:
                 n = g.numel()
                 g.copy_(flat[offset : offset + n].view_as(g))
                 offset += n
-        return self.optimizer.step(closure)
+        self.__dict__["_synchronized"] = True
+
+    def step(self, closure: Any = None) -> Any:
+        self.synchronize()
+        try:
+            return self.optimizer.step(closure)
+        finally:
+            self.__dict__["_synchronized"] = False

@@ -82,20 +82,31 @@ def configuration(row: Mapping[str, Any], axes: Sequence[str], drop: Iterable[st
 
 
 def compare(rows: Sequence[Mapping[str, Any]], axes: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """One row per configuration (finished cells, grouped over seeds): mean and standard deviation
-    of the accuracy, means of the rest. Values are plain numbers (accuracy in %, memory in MiB)."""
+    """One row per configuration (finished cells, grouped over seeds by ``config_id``, or by the
+    axis values without the seed for rows that lack one): mean and standard deviation of the
+    accuracy, means of the rest. Values are plain numbers (accuracy in %, memory in MiB); ``seeds``
+    counts the cells of the group, ``n_<column>`` the ones a column's mean is over when fewer."""
     axes = axis_columns(rows, axes)
     groups: dict[str, list[Mapping[str, Any]]] = {}
+    labels: dict[str, str] = {}
     for r in rows:
-        if r.get("status") == "finished":
-            groups.setdefault(configuration(r, axes), []).append(r)
+        if r.get("status") != "finished":
+            continue
+        label = configuration(r, axes)
+        key = str(r.get("config_id") or "") or f"label:{label}"
+        groups.setdefault(key, []).append(r)
+        labels[key] = label
+    clash = {lab for lab in labels.values() if list(labels.values()).count(lab) > 1}
     out = []
-    for label, members in groups.items():
+    for key, members in groups.items():
+        label = labels[key] + (f" [config {key[:8]}]" if labels[key] in clash else "")
         entry: dict[str, Any] = {"configuration": label, "seeds": len(members)}
         for column, metric, how in COMPARISON:
             values = [v for v in (_float(m.get(metric)) for m in members) if v is not None]
             if not values:
                 continue
+            if len(values) < len(members):
+                entry["n_" + column] = len(values)
             if how == "mean_std":
                 entry[column] = 100 * statistics.fmean(values)
                 entry[column + "_std"] = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
@@ -182,11 +193,15 @@ def curves(history: Iterable[Mapping[str, Any]], metric: str, cell_ids: Iterable
     wanted = set(cell_ids) if cell_ids is not None else None
     out: dict[str, dict[int, float]] = {}
     for h in history:
-        if h["metric"] != metric or (wanted is not None and h["cell_id"] not in wanted):
+        if h.get("metric") != metric or (wanted is not None and h["cell_id"] not in wanted):
             continue
-        value = _float(h["value"])
+        value = _float(h.get("value"))
+        try:
+            epoch = int(h.get("epoch") or "")
+        except ValueError:  # a line cut short by a kill
+            continue
         if value is not None:
-            out.setdefault(h["cell_id"], {})[int(h["epoch"])] = value
+            out.setdefault(h["cell_id"], {})[epoch] = value
     return out
 
 

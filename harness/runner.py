@@ -52,7 +52,8 @@ class CellResult:
 
 
 def seed_everything(seed: int) -> torch.Generator:
-    """Seed Python, NumPy and torch; return the generator that orders the training data."""
+    """Seed Python, NumPy and torch; return the generator that seeds the data-loading workers
+    (the training order itself is :class:`harness.data.EpochShuffle`'s, from the seed and epoch)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -128,8 +129,9 @@ def run_cell(cell: Cell, registry: Registry, hook: Any, checkpoint_dir: Path | N
 
     With ``checkpoint_dir``, the cell checkpoints into ``checkpoint_dir / cell.id`` at the end of
     every epoch and, if a checkpoint is there when it starts, continues from it (the result equals
-    an uninterrupted run's on CPU). A finished or failed cell's checkpoint is removed; a killed
-    cell's is kept for the next run.
+    an uninterrupted run's on CPU). Once the observers have recorded the end of a finished or
+    diverged cell, its checkpoint is removed; a killed cell's, or one that failed otherwise (a
+    transient error may not recur), is kept for the next run.
     """
     start = time.perf_counter()
     result = CellResult(cell.id, cell.label, "failed")
@@ -147,9 +149,9 @@ def run_cell(cell: Cell, registry: Registry, hook: Any, checkpoint_dir: Path | N
         result.error = traceback.format_exc()
         result.error_type = type(exc).__name__
     result.duration_s = time.perf_counter() - start
-    if ckpt is not None and parallel.current().is_main:
+    hook.on_cell_end(cell=cell, result=result)  # recorded first: a crash here keeps the checkpoint
+    if ckpt is not None and parallel.current().is_main and (result.status == "finished" or result.error_type == "DivergedError"):
         checkpoint.remove(ckpt)
-    hook.on_cell_end(cell=cell, result=result)
     return result
 
 
@@ -204,7 +206,7 @@ class DivergenceGuard:
         )
 
 
-def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: Path | None) -> None:
+def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: Path | None, discarded: str | None = None) -> None:
     cfg = cell.config
     par = parallel.current()
     if cfg.batch_size % par.world_size:
@@ -228,12 +230,18 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
     optimizer = build_optimizer(model.parameters(), cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.lr_schedule, cfg.epochs)
     step_optimizer = parallel.GradientAveragingOptimizer(optimizer) if par.enabled else optimizer
+    if par.rank:  # same initial weights everywhere; from here on each process draws its own
+        # augmentations and dropout masks
+        seed_everything(cfg.seed + 1_000_003 * par.rank)
+        generator.manual_seed(cfg.seed + 1_000_003 * par.rank)
 
     meters = CellMeters(model, device, cfg.meters)
     static = model_size(model)
     best = -math.inf
     first_epoch = 1
     info: dict[str, Any] = {"device": str(device), **static, "train_size": len(train_set), "test_size": len(data.test)}
+    if discarded:
+        info["checkpoint_discarded"] = discarded
     state = None
     if ckpt is not None:
         try:
@@ -242,11 +250,16 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
             info["checkpoint_discarded"] = f"{exc}; starting from scratch"
             checkpoint.remove(ckpt)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        checkpoint.set_rng_state(state["rng"], generator)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
+            checkpoint.set_rng_state(state["rng"], generator)
+        except Exception as exc:  # readable but not this cell's shape (the code changed): start over
+            info["checkpoint_discarded"] = f"checkpoint {ckpt} does not fit the cell ({type(exc).__name__}: {exc}); starting from scratch"
+            checkpoint.remove(ckpt)  # type: ignore[arg-type]
+            return _train(cell, registry, hook, result, ckpt, info["checkpoint_discarded"])  # now without a checkpoint
         first_epoch = int(state["epoch"]) + 1
         best = float(state["best"])
         result.metrics = dict(state["metrics"])
@@ -338,6 +351,8 @@ def _run_epoch(
         hook.on_batch_end(cell=cell, phase=phase, batch=i, num_batches=num_batches)
     if guard is not None:
         guard.check()
+    if batches == 0:
+        raise HarnessError(f"the {phase} pass had no batch: the {phase} set (or its share in this process) is empty")
     if phase == "train" and parallel.current().enabled:  # the union batch's loss and accuracy
         totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(count), device=device, dtype=torch.float64)])
         parallel.all_reduce_sum(totals)

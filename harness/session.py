@@ -109,9 +109,10 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
 
     if uri.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as response:
-                if response.status >= 400:
-                    raise HarnessError(f"tracking server {uri} answered /health with HTTP {response.status}")
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+                pass
+        except urllib.error.HTTPError as exc:
+            raise HarnessError(f"tracking server {uri} answered /health with HTTP {exc.code}: is it an MLflow server?") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise HarnessError(

@@ -20,8 +20,8 @@ METRICS = [
 ]  # fmt: skip
 # Kept in summary.csv (the per-step plots read them) but not in the markdown table.
 CSV_ONLY = re.compile(r"^test_firing_rate_t\d+$")
-MARKDOWN_SKIP = {"label", "run_id", "peak_rss_bytes", "train_data_time_s", "synops_ac", "model_size_bytes", "train_firing_rate"}
-TRAIL = ["error_type", "run_id"]
+MARKDOWN_SKIP = {"label", "run_id", "config_id", "peak_rss_bytes", "train_data_time_s", "synops_ac", "model_size_bytes", "train_firing_rate"}
+TRAIL = ["error_type", "config_id", "run_id"]
 PERCENT = {"test_top1", "best_test_top1", "train_top1"}
 
 
@@ -71,7 +71,7 @@ def write_summary(out_dir: Path, rows: Sequence[dict[str, Any]], *, merge_existi
     if merge_existing:
         rows = merge(read_rows(csv_path), rows)
     cols = columns(rows)
-    tmp = csv_path.with_name(".summary.csv.tmp")
+    tmp = csv_path.with_name(f".summary.csv.{os.getpid()}.tmp")
     with tmp.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
@@ -79,7 +79,7 @@ def write_summary(out_dir: Path, rows: Sequence[dict[str, Any]], *, merge_existi
             writer.writerow({c: row.get(c, "") for c in cols})
     os.replace(tmp, csv_path)
     md = out_dir / "summary.md"
-    tmp = md.with_name(".summary.md.tmp")
+    tmp = md.with_name(f".summary.md.{os.getpid()}.tmp")
     tmp.write_text(markdown_document(rows, title))
     os.replace(tmp, md)
     return list(rows)

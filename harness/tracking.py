@@ -18,6 +18,7 @@ TAG_MATRIX = "harness.matrix"
 TAG_MATRIX_FILE = "harness.matrix_file"
 TAG_CELL_ID = "harness.cell_id"
 TAG_CELL_LABEL = "harness.cell_label"
+TAG_CONFIG_ID = "harness.config_id"  # the configuration without its seed
 TAG_STATUS = "harness.status"
 TAG_ERROR_TYPE = "harness.error_type"
 TAG_AXES = "harness.axes"  # comma-separated axis names of the matrix
@@ -65,7 +66,7 @@ def finished_cell_ids(mlflow_client: Any, experiment: str, matrix_name: str) -> 
 
 
 def resumable_run(mlflow_client: Any, experiment_id: str, matrix_name: str, cell_id: str) -> Any:
-    """The latest KILLED (or dead RUNNING) run of a cell, which a resumed cell continues."""
+    """The latest KILLED, FAILED (or dead RUNNING) run of a cell, which a resumed cell continues."""
     runs = mlflow_client.search_runs(
         [experiment_id],
         filter_string=f"tags.`{TAG_MATRIX}` = '{matrix_name}' and tags.`{TAG_CELL_ID}` = '{cell_id}'",
@@ -73,7 +74,7 @@ def resumable_run(mlflow_client: Any, experiment_id: str, matrix_name: str, cell
         max_results=10,
     )
     for run in runs:
-        if run.info.status in ("KILLED", "RUNNING"):
+        if run.info.status in ("KILLED", "FAILED", "RUNNING"):
             return run
         if run.info.status == "FINISHED":
             return None
@@ -143,6 +144,7 @@ def report_rows(uri: str, experiment: str, matrix_name: str) -> list[dict[str, A
                 axes,
                 metrics,
                 error_type=tags.get(TAG_ERROR_TYPE, ""),
+                config_id=tags.get(TAG_CONFIG_ID, ""),
                 run_id=run.info.run_id,
             )
         )

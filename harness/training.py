@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -59,3 +59,13 @@ class Trainer:
 def predict(logits: Tensor) -> Tensor:
     """The class with the largest summed output: ``argmax_k sum_t o[t]`` (METHOD.md section 1)."""
     return logits.sum(0).argmax(-1)
+
+
+def clip_grad_norm(optimizer: Any, parameters: Any, max_norm: float) -> None:
+    """Clip the global gradient norm to ``max_norm``. Under data parallelism the gradients are
+    averaged across processes first, so every process clips the union batch's gradient the same
+    way (a trainer that clips with ``torch.nn.utils.clip_grad_norm_`` directly clips its own)."""
+    synchronize = getattr(optimizer, "synchronize", None)
+    if synchronize is not None:
+        synchronize()
+    torch.nn.utils.clip_grad_norm_(parameters, max_norm)

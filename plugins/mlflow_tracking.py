@@ -14,7 +14,7 @@ import os
 import socket
 
 from harness import hookimpl, tracking
-from harness.config import flatten
+from harness.config import config_id, flatten
 from harness.version import code_version
 
 MAX_PARAMS_PER_BATCH = 100  # MLflow's log_batch limit
@@ -94,6 +94,7 @@ class MlflowTracker:
                 tracking.TAG_MATRIX: m.name,
                 tracking.TAG_MATRIX_FILE: m.path,
                 tracking.TAG_CELL_ID: cell.id,
+                tracking.TAG_CONFIG_ID: config_id(cell.config),
                 tracking.TAG_CELL_LABEL: cell.label,
                 tracking.TAG_AXES: ",".join(m.axes),
                 tracking.TAG_STATUS: "running",

@@ -14,6 +14,7 @@ from typing import Any
 
 from harness import hookimpl
 from harness.report import append_history, history_rows, read_history, write_plots
+from harness.config import config_id
 from harness.summary import row_for, write_summary
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ class SummaryWriter:
         metrics = dict(result.metrics)
         metrics["epochs_completed"] = result.epochs_completed
         metrics["duration_s"] = round(result.duration_s, 2)
-        self.rows.append(row_for(cell.id, cell.label, result.status, cell.axes, metrics, error_type=result.error_type or ""))
+        self.rows.append(row_for(cell.id, cell.label, result.status, cell.axes, metrics, error_type=result.error_type or "",
+                                 config_id=config_id(cell.config)))
         self.merged = write_summary(self.run.output_dir, self.rows, title=f"Matrix {self.run.matrix.name}")
         if result.artifacts:
             cell_dir = self.run.output_dir / "cells" / cell.id

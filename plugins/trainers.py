@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from harness import hookimpl
 from harness.snn import LIFNeuron, TimeDistributed, begin_sequence, end_sequence, run_sequence, set_step_mode
-from harness.training import BatchResult, SequenceLoss, Trainer, predict
+from harness.training import BatchResult, SequenceLoss, Trainer, clip_grad_norm, predict
 
 
 class BPTTTrainer(Trainer):
@@ -34,7 +34,7 @@ class BPTTTrainer(Trainer):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+            clip_grad_norm(optimizer, model.parameters(), self.max_grad_norm)
         optimizer.step()
         return BatchResult(loss.detach(), (predict(logits.detach()) == target).sum(), target.shape[0])
 
@@ -87,7 +87,7 @@ class OnlineTrainer(Trainer):
 
     def _step(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         if self.max_grad_norm > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), self.max_grad_norm)
+            clip_grad_norm(optimizer, model.parameters(), self.max_grad_norm)
         optimizer.step()
 
     def train_batch(

@@ -219,7 +219,15 @@ def test_a_plugin_that_raises_in_epoch_2_fails_its_cell_and_the_matrix_goes_on(t
     assert bad.info.status == "FAILED" and bad.data.tags["harness.error_type"] == "RuntimeError"
     text = _client(results).download_artifacts(bad.info.run_id, "traceback.txt", str(tmp_path))
     assert "plugin bug in epoch 2" in Path(text).read_text()
-    assert not any((results / "surv" / "checkpoints").glob("*/last.pt"))  # a failed cell does not resume
+    # A failure that is not a divergence may be transient: the checkpoint of epoch 1 is kept, and
+    # the next run continues the failed cell from it, in the same MLflow run.
+    assert len(list((results / "surv" / "checkpoints").glob("*/last.pt"))) == 1
+    capsys.readouterr()
+    assert _run(path, results) == ExitCode.CELLS_FAILED  # the bug is still there, in epoch 3 now
+    assert "trainer=buggy" in (err := capsys.readouterr().err) and "resumed after epoch 1" in err
+    buggy = [r for r in _cell_runs(results) if r.data.tags["harness.cell_label"].endswith("buggy")]
+    assert [r.info.run_id for r in buggy] == [bad.info.run_id]
+    assert {r["trainer"]: r["epochs_completed"] for r in _summary(results, "surv")}["buggy"] == "2"
 
 
 def test_a_second_run_on_the_same_results_directory_is_refused(tmp_path, capsys):
@@ -253,7 +261,7 @@ class Evil:
         return (os.system, ("echo pwned > /dev/null",))
 
 
-@pytest.mark.parametrize("content", ["garbage", "pickle"])
+@pytest.mark.parametrize("content", ["garbage", "pickle", "mismatch"])
 def test_a_corrupt_or_unsafe_checkpoint_is_discarded_and_the_cell_starts_from_scratch(tmp_path, content, capsys):
     path = _matrix(tmp_path, epochs=2)
     reference = tmp_path / "reference"
@@ -263,10 +271,13 @@ def test_a_corrupt_or_unsafe_checkpoint_is_discarded_and_the_cell_starts_from_sc
     ckpt.parent.mkdir(parents=True)
     if content == "garbage":
         ckpt.write_bytes(b"\x00not a checkpoint")
-    else:  # a pickle that would run code if loaded without weights_only
+    elif content == "pickle":  # a pickle that would run code if loaded without weights_only
         torch.save({"format": 1, "cell_id": _cell_id(path), "epoch": 1, "payload": Evil()}, ckpt)
+    else:  # readable, but written for another network (the code changed since)
+        torch.save({"format": 1, "cell_id": _cell_id(path), "epoch": 1, "best": 0.5, "metrics": {},
+                    "model": {"bogus": torch.zeros(1)}, "optimizer": {}, "scheduler": {}, "rng": {}}, ckpt)
     assert _run(path, results) == ExitCode.OK
-    assert "cannot be read" in capsys.readouterr().err
+    assert ("does not fit the cell" if content == "mismatch" else "cannot be read") in capsys.readouterr().err
     (run,) = _cell_runs(results)
     assert "starting from scratch" in run.data.tags["harness.checkpoint_discarded"]
     assert _final(_summary(results, "surv")) == _final(_summary(reference, "surv"))

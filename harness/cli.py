@@ -13,6 +13,7 @@ import enum
 import os
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM (and Ctrl-C) stop the run as a ``KeyboardInterrupt``. Python ignores an exception
+    raised inside a destructor or a finalizer (the saved-tensor meter releases saves in one many
+    times per step), so a signal that lands there is delivered again a moment later."""
+    f = frame
+    while f is not None:
+        if f.f_code.co_name == "__del__" or f.f_code.co_filename.endswith("weakref.py"):
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            return
+        f = f.f_back
     raise KeyboardInterrupt
 
 
@@ -146,11 +156,12 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
             return ExitCode.OK
         run = MatrixRun(matrix=matrix, results_dir=results_dir, tracking_uri=tracking_uri, experiment=experiment,
                         argv=["harness", *argv], already_finished=finished)
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM stops cleanly, like Ctrl-C
+        previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}  # both stop cleanly
         try:
             results = run_matrix(run, registry, pm.hook, EXECUTORS[args.executor]())
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return ExitCode.OK if all(r.status == "finished" for r in results) else ExitCode.CELLS_FAILED
 
 

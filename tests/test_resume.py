@@ -355,3 +355,22 @@ download = false
     err = capsys.readouterr().err
     assert "data set 'fashion_mnist'" in err and "Fashion-MNIST not found" in err
     assert not (results / "surv").exists()  # not one cell trained
+
+
+def test_a_stop_signal_that_lands_in_a_destructor_is_delivered_again(monkeypatch):
+    """Python ignores exceptions raised in __del__; the saved-tensor meter runs one many times per step."""
+    import threading
+
+    from harness import cli
+
+    sent = []
+    monkeypatch.setattr(threading, "Timer", lambda delay, fn, args: type("T", (), {"start": lambda self: sent.append((fn, args))})())
+
+    class Dying:
+        def __del__(self):
+            cli._raise_interrupt(signal.SIGTERM, sys._getframe())  # returns: no exception to lose
+
+    Dying()  # the destructor runs here
+    assert sent == [(os.kill, (os.getpid(), signal.SIGTERM))]
+    with pytest.raises(KeyboardInterrupt):
+        cli._raise_interrupt(signal.SIGTERM, sys._getframe())

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from harness.config import CellConfig, Component, OptimizerConfig, cell_id
+from harness.config import cell_id
 from harness.matrix import Cell
 from harness.meters.cell import CellMeters, model_size
 from harness.meters.firing import FiringRateMeter, coefficient_of_variation
@@ -21,6 +21,8 @@ from harness.snn import LIFNeuron, SequenceModule, SpikingSequential, begin_sequ
 from snn_harness_plugins.losses import TETLoss
 from snn_harness_plugins.thresholds import FixedThreshold
 from snn_harness_plugins.trainers import BPTTTrainer, OnlineTrainer
+
+from cell_support import Recorder, tiny_cell
 
 
 class Replay(SequenceModule):
@@ -204,25 +206,7 @@ def test_membrane_recorder_sees_u_before_firing_at_every_step():
 
 
 def _cell(**kw) -> Cell:
-    cfg = CellConfig(
-        dataset=Component("digits", {"test_fraction": 0.2, "split_seed": 0}),
-        model=Component("vgg_small", {"channels": [4, 8]}),
-        normalizer=Component("vanilla_bn", {"eps": 1e-5, "momentum": 0.1, "affine": True}),
-        threshold=Component("fixed", {"theta": 1.0}),
-        trainer=Component("bptt", {"max_grad_norm": 0.0}),
-        loss=Component("tet", {"mse_weight": 0.05}),
-        epochs=1, batch_size=32, time_steps=2, train_subset=384,
-        optimizer=OptimizerConfig(lr=0.05), **kw,
-    )
-    return Cell(id="c", index=0, config=cfg, axes={})
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, dict]] = []
-
-    def __getattr__(self, name):
-        return lambda **kw: self.calls.append((name, kw))
+    return tiny_cell(0, **kw)
 
 
 def test_runner_logs_meter_metrics_limits_batches_and_draws_membrane_histograms(registry):

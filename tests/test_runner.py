@@ -6,29 +6,11 @@ from harness.config import CellConfig, Component, OptimizerConfig
 from harness.matrix import Cell
 from harness.runner import run_cell
 
-
-class Recorder:
-    """Stands in for the plugin manager's hook relay: records every call."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, dict]] = []
-
-    def __getattr__(self, name):
-        return lambda **kw: self.calls.append((name, kw))
+from cell_support import Recorder, tiny_cell
 
 
 def _cell(seed: int, **kw) -> Cell:
-    cfg = CellConfig(
-        dataset=Component("digits", {"test_fraction": 0.2, "split_seed": 0}),
-        model=Component("vgg_small", {"channels": [4, 8]}),
-        normalizer=Component("vanilla_bn", {"eps": 1e-5, "momentum": 0.1, "affine": True}),
-        threshold=Component("fixed", {"theta": 1.0}),
-        trainer=Component("bptt", {"max_grad_norm": 0.0}),
-        loss=Component("tet", {"mse_weight": 0.05}),
-        epochs=2, batch_size=64, time_steps=2, seed=seed, train_subset=384,
-        optimizer=OptimizerConfig(lr=0.05), **kw,
-    )
-    return Cell(id=f"c{seed}", index=0, config=cfg, axes={"seed": seed})
+    return tiny_cell(seed, epochs=2, batch_size=64, **kw)
 
 
 def test_same_seed_gives_identical_metrics_and_another_seed_differs(registry):

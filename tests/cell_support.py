@@ -1,0 +1,33 @@
+"""Shared by the tests that call :func:`harness.runner.run_cell` directly, without MLflow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from harness.config import CellConfig, Component, OptimizerConfig
+from harness.matrix import Cell
+
+
+class Recorder:
+    """Stands in for the plugin manager's hook relay: records every call."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    def __getattr__(self, name: str):
+        return lambda **kw: self.calls.append((name, kw))
+
+
+def tiny_cell(seed: int = 0, *, epochs: int = 1, batch_size: int = 32, **kw: Any) -> Cell:
+    """A digits cell small enough to train in a second: vgg_small 4-8, T = 2, 384 samples."""
+    cfg = CellConfig(
+        dataset=Component("digits", {"test_fraction": 0.2, "split_seed": 0}),
+        model=Component("vgg_small", {"channels": [4, 8]}),
+        normalizer=Component("vanilla_bn", {"eps": 1e-5, "momentum": 0.1, "affine": True}),
+        threshold=Component("fixed", {"theta": 1.0}),
+        trainer=Component("bptt", {"max_grad_norm": 0.0}),
+        loss=Component("tet", {"mse_weight": 0.05}),
+        epochs=epochs, batch_size=batch_size, time_steps=2, seed=seed, train_subset=384,
+        optimizer=OptimizerConfig(lr=0.05), **kw,
+    )
+    return Cell(id=f"c{seed}", index=0, config=cfg, axes={"seed": seed})

@@ -30,6 +30,41 @@ class DivergedError(HarnessError):
     """The loss or a parameter became non-finite."""
 
 
+class ObserverError(HarnessError):
+    """An observer (tracking, progress, ...) or a checkpoint write failed during a data-parallel cell."""
+
+
+class HeldHook:
+    """The hook relay of a data-parallel cell: an error in one process's observers (only process 0
+    has any) or checkpoint writes is held back instead of raised, until the next point where the
+    processes meet anyway (the :class:`DivergenceGuard`'s all-reduce). There every process stops
+    the cell together; raising at once would leave the others waiting in a collective, or pair
+    their collectives with those of the next cell. After an error the remaining calls are skipped.
+    """
+
+    def __init__(self, hook: Any) -> None:
+        self._hook = hook
+        self.error: Exception | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._hook, name)
+        return lambda **kw: self.run(fn, **kw)
+
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.error is not None:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            self.error = exc
+            return None
+
+    def raise_held(self) -> None:
+        """At the end of the cell, when no collective follows: fail this process's cell."""
+        if self.error is not None:
+            raise ObserverError(f"an observer failed: {type(self.error).__name__}: {self.error}") from self.error
+
+
 class CellInterrupted(KeyboardInterrupt):
     """Ctrl-C or SIGTERM during a cell; carries the cell's (killed) result to the session."""
 
@@ -136,8 +171,11 @@ def run_cell(cell: Cell, registry: Registry, hook: Any, checkpoint_dir: Path | N
     start = time.perf_counter()
     result = CellResult(cell.id, cell.label, "failed")
     ckpt = checkpoint_dir / cell.id if checkpoint_dir is not None else None
+    train_hook = HeldHook(hook) if parallel.current().enabled else hook
     try:
-        _train(cell, registry, hook, result, ckpt)
+        _train(cell, registry, train_hook, result, ckpt)
+        if isinstance(train_hook, HeldHook):
+            train_hook.raise_held()
         result.status = "finished"
     except KeyboardInterrupt as exc:
         result.status = "killed"
@@ -160,10 +198,13 @@ class DivergenceGuard:
 
     Losses are collected on the device and checked every ``every`` steps (and at the end of the
     epoch) with one host sync, together with every parameter: a diverged cell stops within
-    ``every`` steps, with the step where the loss first went non-finite.
+    ``every`` steps, with the step where the loss first went non-finite. In a data-parallel cell the
+    same all-reduce also carries whether ``held`` holds an observer's error, so that every process
+    stops then.
     """
 
-    def __init__(self, model: nn.Module, every: int = 25) -> None:
+    def __init__(self, model: nn.Module, every: int = 25, held: HeldHook | None = None) -> None:
+        self.held = held
         self.params = [(n, p) for n, p in model.named_parameters()]
         self.every = every
         self.epoch = 0
@@ -188,7 +229,18 @@ class DivergenceGuard:
             flags = torch.cat([flags, torch.stack([torch.isfinite(p.detach()).all() for _, p in self.params]).to(flags.device)])
         ok = flags.all().float().reshape(1)
         if parallel.current().enabled:  # every process stops together, or none does
-            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+            observers_ok = 0.0 if self.held is not None and self.held.error is not None else 1.0
+            both = torch.cat([ok, torch.tensor([observers_ok], device=ok.device)])
+            torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MIN)
+            finite, observed = both.tolist()  # the one host sync
+            if not observed:
+                if self.held is not None and self.held.error is not None:
+                    raise ObserverError(
+                        f"an observer failed ({type(self.held.error).__name__}: {self.held.error}); "
+                        f"every process stopped the cell at epoch {self.epoch}, by step {self.last_step}"
+                    ) from self.held.error
+                raise ObserverError(f"an observer failed in another process; stopped at epoch {self.epoch}, by step {self.last_step}")
+            ok = torch.tensor([finite])
         if bool(ok.item()):  # the one host sync
             self.pending.clear()
             return
@@ -266,7 +318,7 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
         result.epochs_completed = int(state["epoch"])
         info["resumed_from_epoch"] = int(state["epoch"])
     hook.on_cell_start(cell=cell, info=info)
-    guard = DivergenceGuard(model)
+    guard = DivergenceGuard(model, held=hook if isinstance(hook, HeldHook) else None)
     num_train = _batches(len(train_loader), cfg.max_train_batches)
     num_test = _batches(len(test_loader), cfg.max_eval_batches)
     try:
@@ -299,7 +351,7 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
             result.epochs_completed = epoch
             hook.on_epoch_end(cell=cell, epoch=epoch, metrics=dict(metrics))
             if ckpt is not None and epoch < cfg.epochs and par.is_main:
-                checkpoint.save(ckpt, cell.id, {
+                snapshot = {
                     "epoch": epoch,
                     "best": best,
                     "metrics": metrics,
@@ -307,7 +359,11 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else {},
                     "rng": checkpoint.rng_state(generator),
-                })
+                }
+                if isinstance(hook, HeldHook):  # a failed write must not stop process 0 alone
+                    hook.run(checkpoint.save, ckpt, cell.id, snapshot)
+                else:
+                    checkpoint.save(ckpt, cell.id, snapshot)
     finally:
         meters.close()
     if cfg.membrane_histograms:

@@ -107,3 +107,57 @@ def test_a_cell_on_two_processes_equals_one_process_on_the_union_batch(tmp_path)
     for key in ("train_loss", "test_loss", "train_top1", "test_top1"):
         assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-5), key
     assert not (double / "ddp" / "history.csv").read_text().count("\n") > (single / "ddp" / "history.csv").read_text().count("\n")
+
+
+def _observer_worker(rank: int, world: int, port: int, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from cell_support import Recorder, tiny_cell
+    from harness import get_registry
+    from harness.runner import run_cell
+
+    class FailingTracker(Recorder):  # process 0's observers: the tracking store goes down after epoch 1
+        def on_epoch_end(self, **kw):
+            if rank == 0 and kw["epoch"] == 1:
+                raise ConnectionError("tracking store is down")
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    registry = get_registry()
+    first = run_cell(tiny_cell(0, epochs=3), registry, FailingTracker())
+    last = run_cell(tiny_cell(0, epochs=1), registry, FailingTracker())  # fails after the last collective
+    after = run_cell(tiny_cell(1, epochs=1), registry, Recorder())  # the next cell still pairs up
+    Path(out, f"r{rank}.json").write_text(json.dumps({
+        "first": [first.status, first.error_type, first.error, first.epochs_completed],
+        "last": [last.status, last.error_type, last.error],
+        "after": [after.status, after.metrics.get("train_loss"), after.metrics.get("test_top1")],
+    }))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_an_observer_error_in_one_process_stops_the_cell_in_every_process(tmp_path):
+    import json
+    import time
+
+    ctx = mp.spawn(_observer_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:  # what the bug looks like: one process waits forever
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the processes hung after an observer error in process 0")
+    r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
+    status, kind, error, epochs = r0["first"]
+    assert (status, kind, epochs) == ("failed", "ObserverError", 1)
+    assert "ConnectionError: tracking store is down" in error and "every process stopped the cell at epoch 2" in error
+    status, kind, error, epochs = r1["first"]
+    assert (status, kind, epochs) == ("failed", "ObserverError", 1)
+    assert "an observer failed in another process; stopped at epoch 2" in error
+    # In the last epoch no collective follows: process 0 fails the cell it records, the others finish.
+    assert r0["last"][:2] == ["failed", "ObserverError"] and "ConnectionError: tracking store is down" in r0["last"][2]
+    assert r1["last"][0] == "finished"
+    assert r0["after"][0] == r1["after"][0] == "finished"
+    assert r0["after"][1:] == r1["after"][1:]  # the same union-batch loss: the collectives paired up

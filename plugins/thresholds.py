@@ -47,6 +47,10 @@ class OnlineThresholdStabilizer(ThresholdPolicy):
     Under DDP (training), ``mu[t]`` and ``sigma[t]`` are those of the union batch, so thresholds
     and running thresholds are the same on every process. Dynamic thresholds at inference use each
     process's own test batch (no collective in evaluation).
+
+    Device-resident: thresholds, running thresholds and their count never leave the device (no
+    host synchronization per step or per sequence), and a checkpoint loads onto the module's own
+    device. Statistics of a 16-bit membrane potential (mixed precision) are taken in float32.
     """
 
     def __init__(
@@ -73,7 +77,9 @@ class OnlineThresholdStabilizer(ThresholdPolicy):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         key = prefix + "running_theta"
         if key in state_dict:  # its length is the trained T, unknown at construction
-            self.running_theta = torch.empty_like(state_dict[key])
+            # Resized where this module lives (a checkpoint is read onto the CPU), then copied into.
+            shape = state_dict[key].shape
+            self.running_theta = torch.empty(shape, dtype=self.running_theta.dtype, device=self.running_theta.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def begin_sequence(self, time_steps: int) -> None:
@@ -84,11 +90,12 @@ class OnlineThresholdStabilizer(ThresholdPolicy):
         if self.training and self._thetas and len(self._thetas) == self.time_steps:
             with torch.no_grad():
                 thetas = torch.stack(self._thetas).to(self.running_theta.dtype)
-                if self.running_theta.numel() != thetas.numel() or int(self.num_batches_tracked) == 0:
+                if self.running_theta.numel() != thetas.numel():  # the first sequence, or another T
                     self.running_theta = thetas.clone()
                     self.num_batches_tracked.zero_()
-                else:
-                    self.running_theta.lerp_(thetas, self.momentum)
+                else:  # a count of 0 (a reset) restarts the average: decided on the device, no host sync
+                    restart = self.num_batches_tracked == 0
+                    self.running_theta.copy_(torch.where(restart, thetas, self.running_theta.lerp(thetas, self.momentum)))
                 self.num_batches_tracked += 1
         self._thetas = []
 
@@ -99,15 +106,17 @@ class OnlineThresholdStabilizer(ThresholdPolicy):
                 raise RuntimeError("ots: eval_threshold = 'running' but no running thresholds were trained")
             return self.running_theta[min(t, self.running_theta.numel() - 1)]
         u = u.detach()
+        if u.dtype in (torch.float16, torch.bfloat16):  # statistics in float32 under mixed precision
+            u = u.float()
         if is_synchronized(self.training):  # DDP: statistics of the union batch, same theta everywhere
             mu, var, n = synced_moments(u, tuple(range(u.ndim)), keepdim=False)
             sigma = torch.sqrt(var * (n / (n - 1).clamp_min(1))).clamp_min(self.min_std)  # unbiased, as torch.std
         else:
             mu = u.mean()
-            sigma = u.std().clamp_min(self.min_std) if u.numel() > 1 else u.new_tensor(self.min_std)
+            sigma = u.std().clamp_min(self.min_std) if u.numel() > 1 else torch.full_like(mu, self.min_std)
         if t == 0 or self._r is None:
             self._r = (self.theta - mu) / sigma  # the quantile of theta[1] = theta
-            theta = u.new_tensor(self.theta)
+            theta = torch.full_like(mu, self.theta)  # made on the device: no copy from the host
         else:
             theta = mu + sigma * self._r  # Eq. 16
         if self.training:

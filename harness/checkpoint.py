@@ -5,8 +5,9 @@ A checkpoint is written at the end of every epoch to ``<dir>/last.pt`` (a tempor
 optimizer and scheduler states, the epoch, the best metric, the last epoch's metrics and every
 random state the rest of the run draws from (Python, NumPy, torch CPU and CUDA, and the
 generator that seeds the data-loading workers; the training order is a function of the seed and
-the epoch). It is read with ``torch.load(weights_only=True)``:
-loading a checkpoint never executes code.
+the epoch). A data-parallel cell's checkpoint holds every process's random states
+(``rng_ranks``, by rank; ``rng`` is process 0's). It is read with
+``torch.load(weights_only=True)``: loading a checkpoint never executes code.
 """
 
 from __future__ import annotations
@@ -43,15 +44,34 @@ def rng_state(generator: torch.Generator) -> dict[str, Any]:
     }
 
 
-def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> list[str]:
+    """Restore what :func:`rng_state` saved; returns warnings about what could not be restored.
+
+    CUDA states are restored for the GPUs that are visible now: a checkpoint written on a
+    machine with more (or fewer) visible GPUs keeps the states that fit, and says so, instead of
+    failing (``torch.cuda.set_rng_state_all`` raises for the extra states).
+    """
+    warnings: list[str] = []
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     n = state["numpy"]
     np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    saved = list(state["cuda"])
+    if saved:
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        for index, cuda_state in enumerate(saved[:visible]):
+            torch.cuda.set_rng_state(cuda_state, index)
+        if len(saved) != visible:
+            kept = min(len(saved), visible)
+            warnings.append(
+                f"the checkpoint holds CUDA random states of {len(saved)} GPU(s) and {visible} are visible now: "
+                + (f"restored those of cuda:0..cuda:{kept - 1}" if kept else "none restored")
+                + (", the other GPUs keep their own" if visible > kept else "")
+                + "; random draws on the GPU (dropout masks) differ from an uninterrupted run"
+            )
     generator.set_state(state["data"])
+    return warnings
 
 
 def save(directory: Path, cell_id: str, state: dict[str, Any]) -> Path:

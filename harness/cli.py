@@ -94,6 +94,22 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.INTERNAL_ERROR
 
 
+def entry() -> None:
+    """The ``harness`` console command and ``python -m harness``: :func:`main`, then exit.
+
+    A process that took part in data parallelism ends with ``os._exit`` after flushing its
+    output: at interpreter finalization the process group's background threads can abort the
+    process (SIGABRT), which ``torchrun`` would report as a failed run after a successful one."""
+    code = main()
+    from harness import parallel
+
+    if parallel.took_part():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     """SIGTERM (and Ctrl-C) stop the run as a ``KeyboardInterrupt``. Python ignores an exception
     raised inside a destructor or a finalizer (the saved-tensor meter releases saves in one many
@@ -110,8 +126,8 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     from harness.executor import EXECUTORS
     from harness.matrix import load_matrix
-    from harness.registry import build_registry, get_plugin_manager, register_observers
-    from harness.session import DEFAULT_EXPERIMENT, MatrixRun, resolve_tracking_uri
+    from harness.registry import build_registry, get_plugin_manager
+    from harness.session import DEFAULT_EXPERIMENT, resolve_tracking_uri
 
     if args.executor not in EXECUTORS:
         raise ConfigError(f"--executor {args.executor!r}: known executors: {', '.join(sorted(EXECUTORS))}")
@@ -130,20 +146,52 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     tracking_uri = resolve_tracking_uri(results_dir, cli=args.tracking_uri, matrix=matrix)
     experiment = matrix.tracking.experiment or DEFAULT_EXPERIMENT
     from harness import parallel
-    from harness.lock import ResultsLock
-    from harness.session import preflight, run_matrix
 
     par = parallel.init_from_environment()  # torchrun: every process runs the same cells together
-    lock = ResultsLock(results_dir) if par.is_main else contextlib.nullcontext()
-    with lock:  # one run per results directory: a second one is refused
-        finished: list[Any] = []
-        if par.is_main:
-            preflight(matrix, registry, tracking_uri)
-            register_observers(pm)  # only process 0 tracks, writes and displays
-            if not args.rerun:
-                done = {cid for ids in pm.hook.finished_cells(matrix=matrix, tracking_uri=tracking_uri, experiment=experiment) for cid in ids}
-                finished = [c for c in matrix.cells if c.id in done]
-        finished_ids = parallel.broadcast_object([c.id for c in finished], par)
+    try:
+        results = _run_cells(args, argv, pm, registry, matrix, par, results_dir, tracking_uri, experiment)
+    except parallel.GroupBroken as exc:  # the processes cannot meet again: leave without a goodbye
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return ExitCode.CELLS_FAILED
+    except Exception:  # an agreed error (every process raises it): leave the group together
+        parallel.shutdown()
+        raise
+    parallel.shutdown()
+    if results is None:
+        return ExitCode.OK
+    return ExitCode.OK if all(r.status == "finished" for r in results) else ExitCode.CELLS_FAILED
+
+
+def _run_cells(args: argparse.Namespace, argv: list[str], pm: Any, registry: Any, matrix: Any, par: Any,
+               results_dir: Path, tracking_uri: str, experiment: str) -> list[Any] | None:
+    """Lock the results, check what the cells need, skip finished cells and run the rest; None if
+    nothing was left to run. Under data parallelism every process checks its own data files and
+    process 0 the rest; they agree on the outcome before the first cell (a failure on any process
+    stops all of them with its reason, none waits for another)."""
+    from harness import parallel
+    from harness.executor import EXECUTORS
+    from harness.lock import ResultsLock
+    from harness.registry import register_observers
+    from harness.session import MatrixRun, check_data, check_tracking, run_matrix
+
+    with contextlib.ExitStack() as stack:
+        error: Exception | None = None
+        finished_ids: list[str] = []
+        try:
+            if par.is_main:  # one run per results directory: a second one is refused
+                stack.enter_context(ResultsLock(results_dir))
+                check_tracking(tracking_uri)
+            check_data(matrix, registry)
+            if par.is_main:
+                register_observers(pm)  # only process 0 tracks, writes and displays
+                if not args.rerun:
+                    done = {cid for ids in pm.hook.finished_cells(matrix=matrix, tracking_uri=tracking_uri, experiment=experiment) for cid in ids}
+                    finished_ids = [c.id for c in matrix.cells if c.id in done]
+        except Exception as exc:
+            if not par.enabled:
+                raise
+            error = exc
+        finished_ids = parallel.agree(error, par, "before the first cell", finished_ids, then="no process ran any cell")[0]
         finished = [c for c in matrix.cells if c.id in set(finished_ids)]
         if finished:
             matrix = dataclasses.replace(matrix, cells=[c for c in matrix.cells if c.id not in set(finished_ids)])
@@ -153,16 +201,15 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         if not matrix.cells:
             if par.is_main:
                 print("harness: nothing to run: every cell of the matrix has finished", file=sys.stderr)
-            return ExitCode.OK
+            return None
         run = MatrixRun(matrix=matrix, results_dir=results_dir, tracking_uri=tracking_uri, experiment=experiment,
                         argv=["harness", *argv], already_finished=finished)
         previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}  # both stop cleanly
         try:
-            results = run_matrix(run, registry, pm.hook, EXECUTORS[args.executor]())
+            return run_matrix(run, registry, pm.hook, EXECUTORS[args.executor]())
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-    return ExitCode.OK if all(r.status == "finished" for r in results) else ExitCode.CELLS_FAILED
 
 
 def describe_matrix(matrix: Any) -> str:

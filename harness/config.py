@@ -66,7 +66,10 @@ class CellConfig:
     threshold: Component = Component("fixed")
     loss: Component = Component("tet")
     seed: int = 0
-    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", "mps"
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", "mps"; under torchrun: each process's own GPU
+    precision: Literal["float32", "bfloat16"] = "float32"  # bfloat16: trainer steps under torch.autocast (statistics stay float32)
+    deterministic: bool = False  # GPU: deterministic algorithms, no TF32, no cuDNN autotuner (bit-identical reruns, slower)
+    cudnn_benchmark: bool = True  # GPU: let cuDNN pick the fastest convolution algorithms (off when deterministic)
     train_subset: int | None = None  # train on this many samples (a fixed random subset); test set always whole
     eval_batch_size: int | None = None  # defaults to batch_size
     num_workers: int = 0  # DataLoader workers
@@ -106,21 +109,32 @@ def flatten(config: CellConfig) -> dict[str, Any]:
 OBSERVATION_KEYS = ("meters", "membrane_histograms")
 
 
-def cell_id(config: CellConfig) -> str:
-    """A stable id: the first 12 hex digits of the SHA-256 of the resolved config (without
-    :data:`OBSERVATION_KEYS`)."""
-    flat = {k: v for k, v in flatten(config).items() if k not in OBSERVATION_KEYS}
+# Settings added after cell ids were first published, with the value every earlier cell ran
+# with: hashed only when set to something else, so that adding a setting leaves the ids of the
+# cells that do not use it (and so their finished runs and checkpoints) as they were.
+LATER_KEYS: dict[str, Any] = {"precision": "float32", "deterministic": False, "cudnn_benchmark": True}
+
+
+def _hashed(config: CellConfig, leave_out: tuple[str, ...] = ()) -> str:
+    flat = {
+        k: v for k, v in flatten(config).items()
+        if k not in OBSERVATION_KEYS and k not in leave_out and not (k in LATER_KEYS and v == LATER_KEYS[k])
+    }
     text = json.dumps(flat, sort_keys=True, default=repr, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def cell_id(config: CellConfig) -> str:
+    """A stable id: the first 12 hex digits of the SHA-256 of the resolved config (without
+    :data:`OBSERVATION_KEYS`, and without :data:`LATER_KEYS` at their original values)."""
+    return _hashed(config)
 
 
 def config_id(config: CellConfig) -> str:
     """The id of the cell's configuration without its seed: the seeds of one configuration share
     it, and the comparison over seeds groups by it (never by labels, which a changed matrix can
     reuse for other settings)."""
-    flat = {k: v for k, v in flatten(config).items() if k not in OBSERVATION_KEYS and k != "seed"}
-    text = json.dumps(flat, sort_keys=True, default=repr, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return _hashed(config, ("seed",))
 
 
 def to_dict(config: CellConfig) -> dict[str, Any]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler, Subset
+from torch.utils.data import Dataset, Sampler, Subset, get_worker_info
 
 
 @dataclass
@@ -48,17 +51,20 @@ def to_sequence(x: Tensor, time_steps: int, temporal: bool) -> Tensor:
     return x.unsqueeze(0).expand(time_steps, *x.shape)
 
 
-class EpochShuffle(Sampler[int]):
+class EpochShuffle(Sampler[Any]):
     """The training order: a fresh permutation every epoch, a function of ``(seed, epoch)`` only.
 
     Under data parallelism process ``rank`` of ``world`` takes every ``world``-th index of the
     permutation (the first ``n - n % world`` of it), so that the processes' ``i``-th batches of
     ``B / world`` samples together are the single-process ``i``-th batch of ``B``. Depending on
     nothing but the seed and the epoch, the order also survives a resume from a checkpoint.
+
+    With ``with_epoch=True`` it yields ``(epoch, index)`` pairs, for :class:`WorkerSeeding`.
     """
 
-    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1, with_epoch: bool = False) -> None:
         self.size, self.seed, self.rank, self.world = size, seed, rank, world
+        self.with_epoch = with_epoch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -71,4 +77,38 @@ class EpochShuffle(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         perm = torch.randperm(self.size, generator=g)
         usable = self.size - self.size % self.world
-        return iter(perm[:usable][self.rank :: self.world].tolist())
+        indices = perm[:usable][self.rank :: self.world].tolist()
+        if self.with_epoch:
+            return iter([(self.epoch, i) for i in indices])
+        return iter(indices)
+
+
+class WorkerSeeding(Dataset):
+    """Reseeds every data-loading worker when an epoch starts, for persistent workers.
+
+    A persistent worker (kept alive from epoch to epoch, which saves starting the workers again
+    every epoch) draws its random numbers from a seed chosen once, when it started: a cell resumed
+    at epoch ``k`` would then draw other augmentations than an uninterrupted run. Items are
+    ``(epoch, index)`` pairs (:class:`EpochShuffle` with ``with_epoch=True``); when a worker sees
+    a new epoch it seeds Python, NumPy and torch with a function of ``(seed, epoch, worker id)``,
+    so what a worker draws in an epoch depends on nothing else (batches go to the workers in a
+    fixed rotation). In the main process (no workers) nothing is reseeded.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset, self.seed = dataset, seed
+        self._epoch: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        worker = get_worker_info()
+        if worker is not None and epoch != self._epoch:
+            seed = (self.seed * 1_000_003 + epoch) * 10_007 + worker.id
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            self._epoch = epoch
+        return self.dataset[index]

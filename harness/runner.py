@@ -3,10 +3,12 @@ fire lifecycle hooks. Never imports a tracking backend: observers listen to the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from harness import checkpoint, parallel
+from harness import checkpoint, devices, parallel
 from harness.config import CellConfig, OptimizerConfig, ScheduleConfig
-from harness.data import DatasetBundle, EpochShuffle, to_sequence, train_subset
+from harness.data import DatasetBundle, EpochShuffle, WorkerSeeding, to_sequence, train_subset
 from harness.errors import HarnessError
 from harness.matrix import Cell
 from harness.meters.cell import CellMeters, model_size
@@ -37,9 +39,10 @@ class ObserverError(HarnessError):
 class HeldHook:
     """The hook relay of a data-parallel cell: an error in one process's observers (only process 0
     has any) or checkpoint writes is held back instead of raised, until the next point where the
-    processes meet anyway (the :class:`DivergenceGuard`'s all-reduce). There every process stops
-    the cell together; raising at once would leave the others waiting in a collective, or pair
-    their collectives with those of the next cell. After an error the remaining calls are skipped.
+    processes meet anyway (the :class:`DivergenceGuard`'s all-reduce, or a :class:`Meetings`
+    settle at the end of the epoch). There every process stops the cell together; raising at once
+    would leave the others waiting in a collective, or pair their collectives with those of the
+    next cell. After an error the remaining calls are skipped.
     """
 
     def __init__(self, hook: Any) -> None:
@@ -58,11 +61,6 @@ class HeldHook:
         except Exception as exc:
             self.error = exc
             return None
-
-    def raise_held(self) -> None:
-        """At the end of the cell, when no collective follows: fail this process's cell."""
-        if self.error is not None:
-            raise ObserverError(f"an observer failed: {type(self.error).__name__}: {self.error}") from self.error
 
 
 class CellInterrupted(KeyboardInterrupt):
@@ -96,12 +94,10 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise HarnessError(f"device {name!r} requested but CUDA is not available; use device = \"auto\" or \"cpu\"")
-    return device
+    """The cell's device in this process (:func:`harness.devices.resolve_device`: under data
+    parallelism, this process's own GPU)."""
+    par = parallel.current()
+    return devices.resolve_device(name, par.rank, par.world_size, par.local_rank)
 
 
 def load_dataset(config: CellConfig, registry: Registry) -> DatasetBundle:
@@ -167,30 +163,42 @@ def run_cell(cell: Cell, registry: Registry, hook: Any, checkpoint_dir: Path | N
     an uninterrupted run's on CPU). Once the observers have recorded the end of a finished or
     diverged cell, its checkpoint is removed; a killed cell's, or one that failed otherwise (a
     transient error may not recur), is kept for the next run.
+
+    Under data parallelism the processes fail a cell together (:class:`Meetings`); an error in
+    the middle of a training step, which they cannot agree on, is recorded and then propagates
+    as :class:`harness.parallel.GroupBroken`: the run must end.
     """
     start = time.perf_counter()
     result = CellResult(cell.id, cell.label, "failed")
     ckpt = checkpoint_dir / cell.id if checkpoint_dir is not None else None
     train_hook = HeldHook(hook) if parallel.current().enabled else hook
     try:
-        _train(cell, registry, train_hook, result, ckpt)
-        if isinstance(train_hook, HeldHook):
-            train_hook.raise_held()
+        with devices.backend_settings(cell.config.deterministic, cell.config.cudnn_benchmark):
+            _train(cell, registry, train_hook, result, ckpt)
         result.status = "finished"
     except KeyboardInterrupt as exc:
         result.status = "killed"
         result.duration_s = time.perf_counter() - start
         hook.on_cell_end(cell=cell, result=result)
         raise CellInterrupted(result) from exc
+    except parallel.GroupBroken as exc:  # recorded as failed (checkpoint kept), then the run ends
+        _failed(result, exc)
+        result.duration_s = time.perf_counter() - start
+        hook.on_cell_end(cell=cell, result=result)
+        raise
     except Exception as exc:  # isolation: one bad cell never takes down the matrix
-        result.status = "failed"
-        result.error = traceback.format_exc()
-        result.error_type = type(exc).__name__
+        _failed(result, exc)
     result.duration_s = time.perf_counter() - start
     hook.on_cell_end(cell=cell, result=result)  # recorded first: a crash here keeps the checkpoint
     if ckpt is not None and parallel.current().is_main and (result.status == "finished" or result.error_type == "DivergedError"):
         checkpoint.remove(ckpt)
     return result
+
+
+def _failed(result: CellResult, exc: BaseException) -> None:
+    result.status = "failed"
+    result.error = traceback.format_exc()
+    result.error_type = type(exc).__name__
 
 
 class DivergenceGuard:
@@ -258,24 +266,61 @@ class DivergenceGuard:
         )
 
 
-def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: Path | None, discarded: str | None = None) -> None:
-    cfg = cell.config
-    par = parallel.current()
-    if cfg.batch_size % par.world_size:
-        raise HarnessError(f"batch_size {cfg.batch_size} does not split evenly over {par.world_size} processes")
-    generator = seed_everything(cfg.seed)
-    device = parallel.device_for(cfg.device, par) or resolve_device(cfg.device)
-    data = load_dataset(cfg, registry)
-    train_set = train_subset(data.train, cfg.train_subset)
-    pin = device.type == "cuda"
-    sampler = EpochShuffle(len(train_set), cfg.seed, par.rank, par.world_size)  # type: ignore[arg-type]
-    train_loader = DataLoader(
-        train_set, batch_size=cfg.batch_size // par.world_size, sampler=sampler, generator=generator,
-        num_workers=cfg.num_workers, pin_memory=pin,
-    )
-    # Every process evaluates the whole test set (no collective can then wait on a shard's end).
-    test_loader = DataLoader(data.test, batch_size=cfg.eval_batch_size or cfg.batch_size, num_workers=cfg.num_workers, pin_memory=pin)
+class Meetings:
+    """Where the processes of a data-parallel cell meet outside the training step and agree on
+    the cell's outcome: after building it, after restoring its checkpoint, at the end of every
+    epoch and after training (:func:`harness.parallel.agree`, one object all-gather each).
 
+    ``with meetings.hold():`` runs a block whose error (a data file one node cannot read, an
+    evaluation error, an observer's error held by :class:`HeldHook`) is held, not raised, until
+    ``meetings.settle(where)``, where every process stops the cell together if any process
+    failed. With one process, errors are raised where they happen and ``settle`` only returns
+    ``[payload]``.
+    """
+
+    def __init__(self, par: parallel.Parallel, held: HeldHook | None) -> None:
+        self.par, self.held = par, held
+        self.error: Exception | None = None
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as exc:
+            if not self.par.enabled:
+                raise
+            self.error = self.error or exc
+
+    def settle(self, where: str, payload: Any = None) -> list[Any]:
+        """Agree with the other processes; returns every process's ``payload``, by rank."""
+        error, self.error = self.error, None
+        if error is None and self.held is not None and self.held.error is not None:
+            error = ObserverError(f"an observer failed ({parallel.describe(self.held.error)}); every process stopped the cell {where}")
+            error.__cause__ = self.held.error
+        return parallel.agree(error, self.par, where, payload)
+
+
+@dataclass
+class _Parts:
+    """What a cell trains, built from the registry."""
+
+    model: nn.Module
+    trainer: Any
+    loss_fn: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    step_optimizer: Any  # what the trainer steps: the optimizer, or its gradient-averaging wrapper
+    meters: CellMeters
+
+
+def _process_seed(seed: int, rank: int, epoch: int = 0) -> int:
+    """The seed of process ``rank``'s own random stream (augmentations, dropout masks); restarted
+    from ``epoch`` when a checkpoint has no state of this process's."""
+    return seed + 1_000_003 * rank + 7_919 * epoch
+
+
+def _build(cfg: CellConfig, registry: Registry, data: DatasetBundle, device: torch.device, generator: torch.Generator) -> _Parts:
+    par = parallel.current()
     model = build_model(cfg, registry, data).to(device)
     trainer = registry.trainers[cfg.trainer.name](**cfg.trainer.options)
     loss_fn = registry.losses[cfg.loss.name](**cfg.loss.options)
@@ -284,41 +329,126 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
     step_optimizer = parallel.GradientAveragingOptimizer(optimizer) if par.enabled else optimizer
     if par.rank:  # same initial weights everywhere; from here on each process draws its own
         # augmentations and dropout masks
-        seed_everything(cfg.seed + 1_000_003 * par.rank)
-        generator.manual_seed(cfg.seed + 1_000_003 * par.rank)
+        seed_everything(_process_seed(cfg.seed, par.rank))
+        generator.manual_seed(_process_seed(cfg.seed, par.rank))
+    return _Parts(model, trainer, loss_fn, optimizer, scheduler, step_optimizer, CellMeters(model, device, cfg.meters))
 
-    meters = CellMeters(model, device, cfg.meters)
-    static = model_size(model)
-    best = -math.inf
-    first_epoch = 1
-    info: dict[str, Any] = {"device": str(device), **static, "train_size": len(train_set), "test_size": len(data.test)}
+
+def _loaders(cfg: CellConfig, data: DatasetBundle, train_set: Any, generator: torch.Generator, device: torch.device) -> tuple[DataLoader, DataLoader, EpochShuffle]:
+    """The training loader (the epoch's order from :class:`EpochShuffle`, this process's shard)
+    and the test loader (every process evaluates the whole test set: no collective can then wait
+    on a shard's end). Workers, if any, persist across epochs and are reseeded at every epoch
+    (:class:`WorkerSeeding`), so that a resumed cell draws what an uninterrupted one draws."""
+    par = parallel.current()
+    workers = cfg.num_workers
+    persistent = workers > 0
+    pin = device.type == "cuda"
+    sampler = EpochShuffle(len(train_set), cfg.seed, par.rank, par.world_size, with_epoch=persistent)
+    train_data = WorkerSeeding(train_set, _process_seed(cfg.seed, par.rank)) if persistent else train_set
+    train_loader = DataLoader(
+        train_data, batch_size=cfg.batch_size // par.world_size, sampler=sampler, generator=generator,
+        num_workers=workers, pin_memory=pin, persistent_workers=persistent,
+    )
+    test_loader = DataLoader(
+        data.test, batch_size=cfg.eval_batch_size or cfg.batch_size, num_workers=workers, pin_memory=pin,
+        persistent_workers=persistent,
+    )
+    return train_loader, test_loader, sampler
+
+
+def _read_checkpoint(ckpt: Path | None, cell_id: str, par: parallel.Parallel) -> tuple[dict[str, Any] | None, str | None]:
+    """Process 0 reads the cell's checkpoint and sends it to the others (their nodes need not see
+    the file). Returns the state (None: start from scratch) and why a checkpoint was discarded."""
+    state, discarded, error = None, None, None
+    if ckpt is not None and par.is_main:
+        try:
+            state = checkpoint.load(ckpt, cell_id)
+        except checkpoint.CheckpointError as exc:  # never fatal: the cell starts from scratch
+            discarded = f"{exc}; starting from scratch"
+            checkpoint.remove(ckpt)
+        except Exception as exc:  # e.g. an unreadable directory: fail the cell on every process
+            error = exc
+    if par.enabled:
+        state, discarded, text = parallel.broadcast_object((state, discarded, None if error is None else parallel.describe(error)), par)
+        if text is not None and error is None:
+            raise parallel.ProcessFailed(f"process 0 could not read the checkpoint of cell {cell_id} ({text})")
+    if error is not None:
+        raise error
+    return state, discarded
+
+
+def _restore(state: dict[str, Any], parts: _Parts, generator: torch.Generator, cfg: CellConfig) -> list[str]:
+    """Load a checkpoint's states into ``parts``; returns warnings. Under data parallelism every
+    process restores its own random states (``rng_ranks``); a checkpoint of another number of
+    processes restarts each process's own stream from the seed and the epoch instead of giving
+    every process process 0's."""
+    par = parallel.current()
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    if parts.scheduler is not None:
+        parts.scheduler.load_state_dict(state["scheduler"])
+    ranks = state.get("rng_ranks") or []
+    if par.enabled and len(ranks) == par.world_size:
+        return checkpoint.set_rng_state(ranks[par.rank], generator)
+    warnings = checkpoint.set_rng_state(state["rng"], generator)
+    if par.enabled:
+        warnings.append(
+            f"the checkpoint holds the random states of {max(len(ranks), 1)} process(es), this run has {par.world_size}: "
+            "each process's random stream restarts from the seed and the epoch"
+        )
+        if par.rank:
+            seed_everything(_process_seed(cfg.seed, par.rank, int(state["epoch"])))
+            generator.manual_seed(_process_seed(cfg.seed, par.rank, int(state["epoch"])))
+    return warnings
+
+
+def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: Path | None) -> None:
+    cfg = cell.config
+    par = parallel.current()
+    meet = Meetings(par, hook if isinstance(hook, HeldHook) else None)
+    with meet.hold():  # build the cell
+        if cfg.batch_size % par.world_size:
+            raise HarnessError(f"batch_size {cfg.batch_size} does not split evenly over {par.world_size} processes")
+        device = resolve_device(cfg.device)
+        autocast = devices.autocast(cfg.precision, device)
+        generator = seed_everything(cfg.seed)
+        data = load_dataset(cfg, registry)
+        fresh = checkpoint.rng_state(generator)  # where building starts from (again, after a bad checkpoint)
+        train_set = train_subset(data.train, cfg.train_subset)
+        train_loader, test_loader, sampler = _loaders(cfg, data, train_set, generator, device)
+        parts = _build(cfg, registry, data, device, generator)
+    meet.settle("while building the cell")
+
+    info: dict[str, Any] = {"device": str(device), **model_size(parts.model), "train_size": len(train_set), "test_size": len(data.test)}
+    state, discarded = _read_checkpoint(ckpt, cell.id, par)
+    if state is not None:
+        with meet.hold():
+            try:
+                info["warnings"] = _restore(state, parts, generator, cfg)
+            except Exception as exc:  # readable but not this cell's shape (the code changed): start over
+                discarded = f"checkpoint {ckpt} does not fit the cell ({type(exc).__name__}: {exc}); starting from scratch"
+                if par.is_main:
+                    checkpoint.remove(ckpt)  # type: ignore[arg-type]
+                parts.meters.close()
+                checkpoint.set_rng_state(fresh, generator)
+                parts, state = _build(cfg, registry, data, device, generator), None
+                info.pop("warnings", None)
+        meet.settle("while restoring the checkpoint")
     if discarded:
         info["checkpoint_discarded"] = discarded
-    state = None
-    if ckpt is not None:
-        try:
-            state = checkpoint.load(ckpt, cell.id)
-        except checkpoint.CheckpointError as exc:  # never fatal: the cell starts from scratch
-            info["checkpoint_discarded"] = f"{exc}; starting from scratch"
-            checkpoint.remove(ckpt)
+    best, first_epoch = -math.inf, 1
     if state is not None:
-        try:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scheduler is not None:
-                scheduler.load_state_dict(state["scheduler"])
-            checkpoint.set_rng_state(state["rng"], generator)
-        except Exception as exc:  # readable but not this cell's shape (the code changed): start over
-            info["checkpoint_discarded"] = f"checkpoint {ckpt} does not fit the cell ({type(exc).__name__}: {exc}); starting from scratch"
-            checkpoint.remove(ckpt)  # type: ignore[arg-type]
-            return _train(cell, registry, hook, result, ckpt, info["checkpoint_discarded"])  # now without a checkpoint
-        first_epoch = int(state["epoch"]) + 1
-        best = float(state["best"])
-        result.metrics = dict(state["metrics"])
-        result.epochs_completed = int(state["epoch"])
+        first_epoch, best = int(state["epoch"]) + 1, float(state["best"])
+        result.metrics, result.epochs_completed = dict(state["metrics"]), int(state["epoch"])
         info["resumed_from_epoch"] = int(state["epoch"])
+    if not info.get("warnings"):
+        info.pop("warnings", None)
+
+    model, trainer, loss_fn, optimizer, scheduler, meters = (
+        parts.model, parts.trainer, parts.loss_fn, parts.optimizer, parts.scheduler, parts.meters)
+    static = model_size(model)
     hook.on_cell_start(cell=cell, info=info)
-    guard = DivergenceGuard(model, held=hook if isinstance(hook, HeldHook) else None)
+    guard = DivergenceGuard(model, held=meet.held)
     num_train = _batches(len(train_loader), cfg.max_train_batches)
     num_test = _batches(len(test_loader), cfg.max_eval_batches)
     try:
@@ -328,29 +458,32 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
             lr = optimizer.param_groups[0]["lr"]
             guard.start(epoch)
             sampler.set_epoch(epoch)
-            train = _run_epoch(cell, "train", train_loader, num_train, device, data.temporal, hook, meters,
-                               lambda x, y: trainer.train_batch(model, x, y, loss_fn, step_optimizer), guard)
-            if not math.isfinite(train["train_loss"]):
-                raise DivergedError(f"diverged at epoch {epoch}: training loss is {train['train_loss']}")
-            module_metrics = collect_epoch_metrics(model)  # e.g. OSR's fallback rate, from training steps
-            test = _run_epoch(cell, "test", test_loader, num_test, device, data.temporal, hook, meters,
-                              lambda x, y: trainer.eval_batch(model, x, y, loss_fn))
-            if scheduler is not None:
-                scheduler.step()
-            best = max(best, test["test_top1"])
-            metrics = {
-                **train,
-                **test,
-                "best_test_top1": best,
-                "epoch_time_s": time.perf_counter() - t0,
-                "lr": lr,
-                **{k: float(v) for k, v in static.items()},
-                **module_metrics,
-            }
-            result.metrics = metrics
-            result.epochs_completed = epoch
-            hook.on_epoch_end(cell=cell, epoch=epoch, metrics=dict(metrics))
-            if ckpt is not None and epoch < cfg.epochs and par.is_main:
+            train = _training_pass(cell, epoch, train_loader, num_train, device, data.temporal, hook, meters, autocast,
+                                   lambda x, y: trainer.train_batch(model, x, y, loss_fn, parts.step_optimizer), guard)
+            with meet.hold():  # evaluation and bookkeeping: errors here are agreed on below
+                if not math.isfinite(train["train_loss"]):  # the union batch's loss: the same verdict everywhere
+                    raise DivergedError(f"diverged at epoch {epoch}: training loss is {train['train_loss']}")
+                module_metrics = collect_epoch_metrics(model)  # e.g. OSR's fallback rate, from training steps
+                test = _run_epoch(cell, "test", test_loader, num_test, device, data.temporal, hook, meters, autocast,
+                                  lambda x, y: trainer.eval_batch(model, x, y, loss_fn))
+                if scheduler is not None:
+                    scheduler.step()
+                best = max(best, test["test_top1"])
+                metrics = {
+                    **train,
+                    **test,
+                    "best_test_top1": best,
+                    "epoch_time_s": time.perf_counter() - t0,
+                    "lr": lr,
+                    **{k: float(v) for k, v in static.items()},
+                    **module_metrics,
+                }
+                result.metrics = metrics
+                result.epochs_completed = epoch
+                hook.on_epoch_end(cell=cell, epoch=epoch, metrics=dict(metrics))
+            saving = ckpt is not None and epoch < cfg.epochs
+            rng = meet.settle(f"at the end of epoch {epoch}", checkpoint.rng_state(generator) if saving else None)
+            if saving and par.is_main:
                 snapshot = {
                     "epoch": epoch,
                     "best": best,
@@ -358,16 +491,40 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                    "rng": checkpoint.rng_state(generator),
+                    "rng": rng[0],
+                    **({"rng_ranks": rng} if par.enabled else {}),
                 }
                 if isinstance(hook, HeldHook):  # a failed write must not stop process 0 alone
                     hook.run(checkpoint.save, ckpt, cell.id, snapshot)
                 else:
-                    checkpoint.save(ckpt, cell.id, snapshot)
+                    checkpoint.save(ckpt, cell.id, snapshot)  # type: ignore[arg-type]
     finally:
         meters.close()
-    if cfg.membrane_histograms:
-        result.artifacts.update(_membrane_histograms(cell, model, trainer, loss_fn, test_loader, device, data.temporal))
+    with meet.hold():
+        if cfg.membrane_histograms:
+            result.artifacts.update(_membrane_histograms(cell, model, trainer, loss_fn, test_loader, device, data.temporal))
+    meet.settle("after training")
+
+
+def _training_pass(cell: Cell, epoch: int, *args: Any) -> dict[str, float]:
+    """The epoch's training pass. Under data parallelism the processes meet inside every step
+    (statistics, gradients), so an error that strikes one process there cannot be agreed on: it
+    becomes :class:`harness.parallel.GroupBroken` and ends the run. Divergence and observer
+    errors are agreed in the divergence check and stop the cell on every process together."""
+    try:
+        return _run_epoch(cell, "train", *args)
+    except (DivergedError, ObserverError):
+        raise
+    except Exception as exc:
+        par = parallel.current()
+        if not par.enabled:
+            raise
+        raise parallel.GroupBroken(
+            f"process {par.rank} of {par.world_size} failed in a training step of epoch {epoch} of cell [{cell.label}] "
+            f"({parallel.describe(exc)}). The other processes may be waiting for it inside a collective, so the run "
+            "ends here (torchrun stops them); the next run resumes the cell from its last checkpoint. A broken "
+            "connection means that another process failed first: its own message says why"
+        ) from exc
 
 
 def _batches(available: int, limit: int | None) -> int:
@@ -376,10 +533,12 @@ def _batches(available: int, limit: int | None) -> int:
 
 def _run_epoch(
     cell: Cell, phase: str, loader: DataLoader, num_batches: int, device: torch.device, temporal: bool,
-    hook: Any, meters: CellMeters, step: Any, guard: DivergenceGuard | None = None,
+    hook: Any, meters: CellMeters, autocast: Any, step: Any, guard: DivergenceGuard | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader`` (at most ``num_batches`` batches); returns ``{phase}_loss``,
-    ``{phase}_top1`` and the meters' metrics of the phase."""
+    ``{phase}_top1`` and the meters' metrics of the phase. ``step`` runs inside ``autocast()``
+    (the cell's precision). Nothing is read back to the host inside the loop but every
+    ``guard.every`` steps (the divergence check): losses and counts stay on the device."""
     T = cell.config.time_steps
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.long)
@@ -396,7 +555,7 @@ def _run_epoch(
         x = x.to(device, non_blocking=True)
         y = y.to(device, non_blocking=True)
         meters.data_ready(time.perf_counter() - t_data)
-        with meters.iteration():
+        with meters.iteration(), autocast():
             out = step(to_sequence(x, T, temporal), y)
         if guard is not None:
             guard.step(i, out.loss)
@@ -410,7 +569,7 @@ def _run_epoch(
     if batches == 0:
         raise HarnessError(f"the {phase} pass had no batch: the {phase} set (or its share in this process) is empty")
     if phase == "train" and parallel.current().enabled:  # the union batch's loss and accuracy
-        totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(count), device=device, dtype=torch.float64)])
+        totals = torch.stack([loss_sum, correct.double(), torch.full((), float(count), device=device, dtype=torch.float64)])
         parallel.all_reduce_sum(totals)
         loss_sum, correct, count = totals[0], totals[1], int(totals[2].item())
     count = max(count, 1)

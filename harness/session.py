@@ -82,11 +82,19 @@ def preflight(matrix: Matrix, registry: Registry, tracking_uri: str) -> None:
 
     :raises HarnessError: with what is wrong and what to do about it.
     """
-    from harness.errors import HarnessError
+    check_tracking(tracking_uri)
+    check_data(matrix, registry)
 
+
+def check_data(matrix: Matrix, registry: Registry) -> None:
+    """Load every data set the cells need once (under data parallelism every process does, since
+    each node reads its own files).
+
+    :raises HarnessError: a data set cannot be loaded, with the first cell that needs it.
+    """
+    from harness.errors import HarnessError
     from harness.runner import load_dataset
 
-    check_tracking(tracking_uri)
     seen: set[str] = set()
     for cell in matrix.cells:
         ds = cell.config.dataset

@@ -30,6 +30,12 @@ def _process_tags() -> dict[str, str]:
     return {tracking.TAG_HOST: socket.gethostname(), tracking.TAG_PID: str(os.getpid()), tracking.TAG_CODE_VERSION: code_version()}
 
 
+def _warning_tags(info: dict[str, Any]) -> dict[str, str]:
+    """What the cell's start had to warn about (e.g. random states a checkpoint could not give back)."""
+    warnings = info.get("warnings") or []
+    return {"harness.warnings": "\n".join(map(str, warnings))[:5000]} if warnings else {}
+
+
 class MlflowTracker:
     """Logs a matrix to MLflow. One instance per invocation (created in ``register_observers``)."""
 
@@ -80,7 +86,7 @@ class MlflowTracker:
                 run_id = previous.info.run_id
                 self.client.update_run(run_id, status="RUNNING")
                 for key, value in {**_process_tags(), tracking.TAG_STATUS: "running", "mlflow.parentRunId": self.parent_id,
-                                   "harness.resumed_from_epoch": str(info["resumed_from_epoch"])}.items():
+                                   "harness.resumed_from_epoch": str(info["resumed_from_epoch"]), **_warning_tags(info)}.items():
                     self.client.set_tag(run_id, key, value)
                 self.runs[cell.id] = run_id
                 return
@@ -101,12 +107,13 @@ class MlflowTracker:
                 "harness.device": str(info.get("device", "")),
                 **_process_tags(),
                 **({"harness.checkpoint_discarded": str(info["checkpoint_discarded"])[:5000]} if "checkpoint_discarded" in info else {}),
+                **_warning_tags(info),
             },
         )
         run_id = child.info.run_id
         self.runs[cell.id] = run_id
         params = [Param(k, _param_value(v)) for k, v in flatten(cell.config).items()]
-        params += [Param(f"info.{k}", _param_value(v)) for k, v in info.items() if k not in ("device", "checkpoint_discarded", "resumed_from_epoch")]
+        params += [Param(f"info.{k}", _param_value(v)) for k, v in info.items() if k not in ("device", "checkpoint_discarded", "resumed_from_epoch", "warnings")]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
 

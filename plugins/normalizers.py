@@ -106,13 +106,15 @@ class VanillaBatchNorm(_StepStatisticsNorm):
         return y * _channel_view(self.weight, y.ndim, channel_dim) + _channel_view(self.bias, y.ndim, channel_dim)
 
     def _normalize(self, x: Tensor, channel_dim: int, stat_dims: tuple[int, ...]) -> Tensor:
+        # Statistics and arithmetic in float32 at least (16-bit inputs under mixed precision are
+        # promoted); the output has the input's precision.
         if not self.training:
             mean = _channel_view(self.running_mean, x.ndim, channel_dim)
             var = _channel_view(self.running_var, x.ndim, channel_dim)
-            return self._affine((x - mean) * torch.rsqrt(var + self.eps), channel_dim)
+            return self._affine((x - mean) * torch.rsqrt(var + self.eps), channel_dim).to(x.dtype)
         mean, var, _ = synced_moments(x, stat_dims)  # across processes under DDP
         self._accumulate(mean.detach(), var.detach())
-        return self._affine((x - mean) * torch.rsqrt(var + self.eps), channel_dim)
+        return self._affine((x - mean) * torch.rsqrt(var + self.eps), channel_dim).to(x.dtype)
 
     def forward_step(self, x: Tensor) -> Tensor:
         # x: [B, C, ...]; statistics over batch and space.
@@ -216,13 +218,15 @@ class OnlineSpikingRenormalization(_StepStatisticsNorm):
         def affine(y: Tensor, g: Tensor | None = gamma) -> Tensor:
             return y if g is None else y * g + beta
 
+        # Statistics and arithmetic in float32 at least (16-bit inputs under mixed precision are
+        # promoted by the float32 buffers); the output has the input's precision.
         if not self.training:
-            return affine((x - run_mean) / run_std)  # Eq. 8 / Alg. 1, inference
+            return affine((x - run_mean) / run_std).to(x.dtype)  # Eq. 8 / Alg. 1, inference
 
         mean, var, _ = synced_moments(x, stat_dims)  # Eq. 13, across processes under DDP
         self._accumulate(mean.detach(), var.detach())
         if self.mode == "linear":  # Appendix E ablation: Eq. 8 in training, no BN inside
-            return affine((x - run_mean) / run_std)
+            return affine((x - run_mean) / run_std).to(x.dtype)
 
         batch_std = torch.sqrt(var + self.eps)
         x_hat = (x - mean) / batch_std
@@ -235,7 +239,7 @@ class OnlineSpikingRenormalization(_StepStatisticsNorm):
             y = affine(x_hat * ratio + shift)  # Eq. 9
         if self.fallback_ratio is None:
             self._steps += self._count_steps(x, channel_dim)
-            return y
+            return y.to(x.dtype)
         # Official code: where running and batch scales are > N-fold apart, plain batch statistics
         # for the whole layer at that step (var[t] = 0 gives sqrt(eps)/sqrt(run_var+eps): no NaN).
         per_step = tuple(range(x.ndim)) if channel_dim == 1 else tuple(range(1, x.ndim))  # max over channels
@@ -243,7 +247,7 @@ class OnlineSpikingRenormalization(_StepStatisticsNorm):
         fallback = spread > self.fallback_ratio
         self._fallback_steps = self._fallback_steps + fallback.sum()  # stays on the device
         self._steps += self._count_steps(x, channel_dim)
-        return torch.where(fallback, affine(x_hat), y)
+        return torch.where(fallback, affine(x_hat), y).to(x.dtype)
 
     @staticmethod
     def _count_steps(x: Tensor, channel_dim: int) -> int:
@@ -294,8 +298,10 @@ class _WholeSequenceBatchNorm(SequenceModule):
         self.register_buffer("running_var", torch.ones(num_features))
 
     def _bn(self, x: Tensor) -> Tensor:
+        """In float32 at least (a 16-bit input is promoted); the caller casts to ``x``'s dtype."""
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         y = batch_norm(
-            x.flatten(0, 1), self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
+            x32.flatten(0, 1), self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum, self.eps
         )
         return y.unflatten(0, x.shape[:2])
 
@@ -314,7 +320,7 @@ class ThresholdDependentBatchNorm(_WholeSequenceBatchNorm):
         nn.init.constant_(self.weight, alpha * v_threshold)
 
     def forward_sequence(self, x: Tensor) -> Tensor:
-        return self._bn(x)
+        return self._bn(x).to(x.dtype)
 
 
 class TemporalEffectiveBatchNorm(_WholeSequenceBatchNorm):
@@ -332,7 +338,7 @@ class TemporalEffectiveBatchNorm(_WholeSequenceBatchNorm):
         T = x.shape[0]
         if T > self.scale.numel():
             raise ValueError(f"tebn was built for {self.scale.numel()} time steps, got a sequence of {T}")
-        return self._bn(x) * self.scale[:T].view(T, *[1] * (x.ndim - 1))
+        return (self._bn(x) * self.scale[:T].view(T, *[1] * (x.ndim - 1))).to(x.dtype)
 
 
 @hookimpl

@@ -81,6 +81,8 @@ class ProgressDisplay:
             head += f" resumed after epoch {info['resumed_from_epoch']}"
         if info.get("checkpoint_discarded"):
             self.console.print(f"  warning: {info['checkpoint_discarded']}", markup=False)
+        for warning in info.get("warnings") or ():
+            self.console.print(f"  warning: {warning}", markup=False)
         if self.progress is not None:
             self.progress.console.print(f"{head} on {info.get('device')}", markup=False)
             for name in ("epochs", "batches"):

@@ -61,6 +61,7 @@ epochs = 1
 batch_size = 128
 time_steps = 2
 train_subset = 256
+device = "cpu"  # bit-identical comparisons: never cuDNN or TF32, even where CUDA exists
 
 [options.model.vgg_small]
 channels = [4, 8]

@@ -24,6 +24,7 @@ trainer = "bptt"
 epochs = 2
 batch_size = 32
 time_steps = 2
+device = "cpu"
 
 [defaults.optimizer]
 lr = 0.1

@@ -6,12 +6,20 @@ from __future__ import annotations
 import csv
 import os
 import socket
+import sys
 import textwrap
 from pathlib import Path
+
+import dataclasses
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch import nn
+
+from harness import hookimpl, parallel
+from harness.config import Component
+from harness.snn import SpikingSequential
 
 from harness.data import EpochShuffle
 
@@ -29,6 +37,15 @@ def test_the_shards_of_each_batch_together_are_the_single_process_batch():
     assert list(again) == single  # a function of (seed, epoch) only
     again.set_epoch(1)
     assert list(again) != single
+
+
+def _exit_worker() -> None:
+    """End a worker process without interpreter finalization: with a TCP store, gloo's threads can
+    abort the process there (SIGABRT, "terminate called without an active exception"), as
+    ``harness.cli.entry`` avoids for real runs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:
@@ -49,6 +66,7 @@ def _grad_worker(rank: int, world: int, port: int, out: str) -> None:
     opt.step()
     torch.save(w.detach(), f"{out}/w{rank}.pt")
     dist.destroy_process_group()
+    _exit_worker()
 
 
 def test_gradients_are_averaged_across_processes_before_the_step(tmp_path):
@@ -70,6 +88,7 @@ batch_size = 32
 time_steps = 2
 max_train_batches = 6
 meters = []
+device = "cpu"
 [defaults.optimizer]
 lr = 0.05
 [options.model.vgg_small]
@@ -83,8 +102,11 @@ def _cell_worker(rank: int, world: int, port: int, matrix: str, results: str) ->
     torch.set_num_threads(1)
     from harness.cli import main
 
+    import torch.distributed as dist
+
     code = main(["run", "--matrix", matrix, "--results", results])
-    Path(results, f"code{rank}").write_text(str(code))
+    Path(results, f"code{rank}").write_text(f"{code} {dist.is_initialized()}")  # and did it leave the group?
+    _exit_worker()
 
 
 @pytest.mark.slow
@@ -101,7 +123,7 @@ def test_a_cell_on_two_processes_equals_one_process_on_the_union_batch(tmp_path)
     assert main(["run", "--matrix", str(path), "--results", str(single)]) == 0
     double = tmp_path / "double"
     mp.spawn(_cell_worker, args=(2, _free_port(), str(path), str(double)), nprocs=2)
-    assert (double / "code0").read_text() == (double / "code1").read_text() == "0"
+    assert (double / "code0").read_text() == (double / "code1").read_text() == "0 False"
     (a,) = csv.DictReader((single / "ddp" / "summary.csv").open())
     (b,) = csv.DictReader((double / "ddp" / "summary.csv").open())  # process 0 alone wrote results
     for key in ("train_loss", "test_loss", "train_top1", "test_top1"):
@@ -118,16 +140,27 @@ def _observer_worker(rank: int, world: int, port: int, out: str) -> None:
     from harness import get_registry
     from harness.runner import run_cell
 
-    class FailingTracker(Recorder):  # process 0's observers: the tracking store goes down after epoch 1
-        def on_epoch_end(self, **kw):
-            if rank == 0 and kw["epoch"] == 1:
+    class FailingTracker(Recorder):  # process 0's observers: the tracking store goes down
+        def __init__(self, when: str) -> None:
+            super().__init__()
+            self.when, self.epoch = when, 0
+
+        def on_epoch_start(self, **kw):
+            self.epoch = kw["epoch"]
+
+        def on_batch_end(self, **kw):  # in the middle of epoch 2's training pass
+            if rank == 0 and self.when == "batch" and self.epoch == 2 and kw["phase"] == "train":
+                raise ConnectionError("tracking store is down")
+
+        def on_epoch_end(self, **kw):  # at the end of the last epoch: no training step follows
+            if rank == 0 and self.when == "epoch":
                 raise ConnectionError("tracking store is down")
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     registry = get_registry()
-    first = run_cell(tiny_cell(0, epochs=3), registry, FailingTracker())
-    last = run_cell(tiny_cell(0, epochs=1), registry, FailingTracker())  # fails after the last collective
+    first = run_cell(tiny_cell(0, epochs=3), registry, FailingTracker("batch"))
+    last = run_cell(tiny_cell(0, epochs=1), registry, FailingTracker("epoch"))  # after the last training step
     after = run_cell(tiny_cell(1, epochs=1), registry, Recorder())  # the next cell still pairs up
     Path(out, f"r{rank}.json").write_text(json.dumps({
         "first": [first.status, first.error_type, first.error, first.epochs_completed],
@@ -135,6 +168,7 @@ def _observer_worker(rank: int, world: int, port: int, out: str) -> None:
         "after": [after.status, after.metrics.get("train_loss"), after.metrics.get("test_top1")],
     }))
     dist.destroy_process_group()
+    _exit_worker()
 
 
 @pytest.mark.slow
@@ -150,14 +184,223 @@ def test_an_observer_error_in_one_process_stops_the_cell_in_every_process(tmp_pa
                 p.kill()
             pytest.fail("the processes hung after an observer error in process 0")
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
-    status, kind, error, epochs = r0["first"]
+    status, kind, error, epochs = r0["first"]  # stopped by the divergence check's all-reduce
     assert (status, kind, epochs) == ("failed", "ObserverError", 1)
     assert "ConnectionError: tracking store is down" in error and "every process stopped the cell at epoch 2" in error
     status, kind, error, epochs = r1["first"]
     assert (status, kind, epochs) == ("failed", "ObserverError", 1)
     assert "an observer failed in another process; stopped at epoch 2" in error
-    # In the last epoch no collective follows: process 0 fails the cell it records, the others finish.
+    # After the last training step the processes still meet at the end of the epoch: both fail it.
     assert r0["last"][:2] == ["failed", "ObserverError"] and "ConnectionError: tracking store is down" in r0["last"][2]
-    assert r1["last"][0] == "finished"
+    assert "every process stopped the cell at the end of epoch 1" in r0["last"][2]
+    assert r1["last"][:2] == ["failed", "ProcessFailed"]
+    assert "process 0 of 2 failed at the end of epoch 1 (ObserverError: an observer failed" in r1["last"][2]
     assert r0["after"][0] == r1["after"][0] == "finished"
     assert r0["after"][1:] == r1["after"][1:]  # the same union-batch loss: the collectives paired up
+
+
+class DdpPlugins:
+    """Plugins whose failures strike one process only, as a node's own problems do."""
+
+    @hookimpl
+    def register_models(self, registry):
+        def tiny_dropout(in_channels: int, num_classes: int, input_size: tuple, layers, dropout: float = 0.3,
+                         fail_on_rank: int = -1):
+            """conv-norm-LIF with neuron dropout (each process draws its own masks)."""
+            from snn_harness_plugins.models_paper import SequenceDropout
+
+            if fail_on_rank == parallel.current().rank:
+                raise RuntimeError(f"cannot build the model on process {fail_on_rank}")
+            return SpikingSequential(nn.Conv2d(in_channels, 4, 3, padding=1), layers.normalizer(4), layers.neuron(),
+                                     SequenceDropout(dropout), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+
+        registry.add("tiny_dropout", tiny_dropout)
+
+    @hookimpl
+    def register_trainers(self, registry):
+        from snn_harness_plugins.trainers import BPTTTrainer
+
+        class Failing(BPTTTrainer):
+            def __init__(self, fail_on_rank: int = 1, phase: str = "eval") -> None:
+                super().__init__()
+                self.fail_on_rank, self.phase, self.batches = fail_on_rank, phase, 0
+
+            def train_batch(self, *args, **kwargs):
+                self.batches += 1
+                if self.phase == "train" and self.batches == 2 and parallel.current().rank == self.fail_on_rank:
+                    raise RuntimeError(f"a data file is corrupt on process {self.fail_on_rank}")
+                return super().train_batch(*args, **kwargs)
+
+            def eval_batch(self, *args, **kwargs):
+                if self.phase == "eval" and parallel.current().rank == self.fail_on_rank:
+                    raise RuntimeError(f"evaluation failed on process {self.fail_on_rank}")
+                return super().eval_batch(*args, **kwargs)
+
+        def failing(fail_on_rank: int = 1, phase: str = "eval") -> Failing:
+            """BPTT that fails on one process, in its training steps or its evaluation."""
+            return Failing(fail_on_rank, phase)
+
+        registry.add("failing", failing, step_modes={"sequence"})
+
+    @hookimpl
+    def register_datasets(self, registry):
+        from snn_harness_plugins.datasets import digits
+
+        def node_local(missing_on_rank: int = 1):
+            """digits, whose files are missing on one process's node."""
+            if int(os.environ.get("RANK", "0")) == missing_on_rank:
+                raise FileNotFoundError(f"/data/digits is missing on the node of process {missing_on_rank}")
+            return digits()
+
+        registry.add("node_local", node_local)
+
+
+def _ddp_cell(seed: int = 0, *, model: dict | None = None, trainer: tuple[str, dict] = ("bptt", {}), epochs: int = 1):
+    from cell_support import tiny_cell
+
+    cell = tiny_cell(seed, epochs=epochs, max_train_batches=4, meters=())
+    cfg = dataclasses.replace(cell.config, model=Component("tiny_dropout", {"dropout": 0.3, "fail_on_rank": -1, **(model or {})}),
+                              trainer=Component(trainer[0], trainer[1]))
+    return dataclasses.replace(cell, config=cfg)
+
+
+def _agreement_worker(rank: int, world: int, port: int, out: str) -> None:
+    import json
+
+    import torch.distributed as dist
+
+    from cell_support import Recorder
+    from harness import get_registry
+    from harness.runner import CellInterrupted, run_cell
+
+    class StopAt(Recorder):  # Ctrl-C on every process at the end of epoch 2 (before its checkpoint)
+        def on_epoch_end(self, **kw):
+            if kw["epoch"] == 2:
+                raise KeyboardInterrupt
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    registry = get_registry(extra_plugins=[(DdpPlugins(), "test-ddp")])
+    report = {}
+    built = run_cell(_ddp_cell(0, model={"fail_on_rank": 1}), registry, Recorder())
+    report["build"] = [built.status, built.error_type, built.error.strip().splitlines()[-1]]
+    evaluated = run_cell(_ddp_cell(0, trainer=("failing", {"fail_on_rank": 1, "phase": "eval"})), registry, Recorder())
+    report["eval"] = [evaluated.status, evaluated.error_type, evaluated.error.strip().splitlines()[-1]]
+    # Resume: every process continues its own random stream (dropout masks), as if never stopped.
+    uninterrupted = run_cell(_ddp_cell(3, epochs=3), registry, Recorder(), Path(out, "a"))
+    try:
+        run_cell(_ddp_cell(3, epochs=3), registry, StopAt(), Path(out, "b"))
+    except CellInterrupted:
+        pass
+    resumed = run_cell(_ddp_cell(3, epochs=3), registry, Recorder(), Path(out, "b"))
+    keys = ("train_loss", "test_loss", "test_top1")
+    report["resume"] = [[uninterrupted.metrics[k] for k in keys], [resumed.metrics[k] for k in keys], resumed.status]
+    after = run_cell(_ddp_cell(1), registry, Recorder())
+    report["after"] = [after.status, after.metrics.get("train_loss")]
+    Path(out, f"r{rank}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+    _exit_worker()
+
+
+def _join(ctx, seconds: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the processes hung: {what}")
+
+
+@pytest.mark.slow
+def test_a_failure_on_one_process_outside_the_training_step_fails_the_cell_on_every_process(tmp_path):
+    import json
+
+    _join(mp.spawn(_agreement_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False), 240,
+          "after a failure on one process")
+    r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
+    assert r1["build"] == ["failed", "RuntimeError", "RuntimeError: cannot build the model on process 1"]
+    assert r0["build"][:2] == ["failed", "ProcessFailed"]
+    assert "process 1 of 2 failed while building the cell (RuntimeError: cannot build the model on process 1); every process stopped the cell" in r0["build"][2]
+    assert r1["eval"] == ["failed", "RuntimeError", "RuntimeError: evaluation failed on process 1"]
+    assert r0["eval"][:2] == ["failed", "ProcessFailed"] and "failed at the end of epoch 1 (RuntimeError: evaluation failed" in r0["eval"][2]
+    for r in (r0, r1):
+        uninterrupted, resumed, status = r["resume"]
+        assert status == "finished" and resumed == uninterrupted  # bit for bit, dropout masks included
+        assert r["after"][0] == "finished"
+    assert r0["after"] == r1["after"]  # the next cell's collectives still pair up
+
+
+DDP_MATRIX = """
+name = "ddp"
+[defaults]
+dataset = "{dataset}"
+model = "vgg_small"
+normalizer = "vanilla_bn"
+trainer = "{trainer}"
+epochs = 2
+batch_size = 32
+time_steps = 2
+device = "cpu"
+max_train_batches = 4
+meters = []
+[options.model.vgg_small]
+channels = [4, 8]
+"""
+
+
+def _cli_worker(rank: int, world: int, port: int, matrix: str, results: str) -> None:
+    import contextlib
+
+    import torch.distributed as dist
+
+    import harness.registry as plugin_registry
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ["SNN_HARNESS_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    torch.set_num_threads(1)
+    real = plugin_registry.get_plugin_manager
+    plugin_registry.get_plugin_manager = lambda **kw: real(extra_plugins=[(DdpPlugins(), "test-ddp")], **kw)
+    from harness.cli import main
+
+    with open(Path(results, f"err{rank}"), "w") as err, contextlib.redirect_stderr(err):
+        code = main(["run", "--matrix", matrix, "--results", results])
+    Path(results, f"code{rank}").write_text(f"{code} {dist.is_initialized()}")
+    _exit_worker()
+
+
+def _run_cli(tmp_path: Path, text: str, seconds: float = 120) -> tuple[list[str], list[str]]:
+    path = tmp_path / "ddp.toml"
+    path.write_text(text)
+    results = tmp_path / "results"
+    results.mkdir()
+    _join(mp.spawn(_cli_worker, args=(2, _free_port(), str(path), str(results)), nprocs=2, join=False), seconds, text)
+    return [(results / f"code{r}").read_text() for r in (0, 1)], [(results / f"err{r}").read_text() for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_data_missing_on_one_node_stops_every_process_before_the_first_cell(tmp_path):
+    codes, errors = _run_cli(tmp_path, textwrap.dedent(DDP_MATRIX.format(dataset="node_local", trainer="bptt")))
+    assert codes == ["4 False", "4 False"]  # a usage error on both, and both left the process group
+    assert "data set 'node_local'" in errors[1] and "is missing on the node of process 1" in errors[1]
+    assert "process 1 of 2 failed before the first cell (HarnessError: data set 'node_local'" in errors[0]
+    assert "no process ran any cell" in errors[0]
+    assert not (tmp_path / "results" / "ddp").exists()  # nothing trained, nothing written
+
+
+@pytest.mark.slow
+def test_a_failure_inside_a_training_step_of_one_process_ends_the_run_on_every_process(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    matrix = textwrap.dedent(DDP_MATRIX.format(dataset="digits", trainer="failing")) + '[options.trainer.failing]\nphase = "train"\n'
+    codes, errors = _run_cli(tmp_path, matrix)
+    codes = [c.split()[0] for c in codes]
+    results = tmp_path / "results"
+    assert codes == ["1", "1"]
+    assert "process 1 of 2 failed in a training step of epoch 1" in errors[1] and "a data file is corrupt on process 1" in errors[1]
+    assert "torchrun stops them" in errors[1]
+    client = MlflowClient(tracking_uri=f"sqlite:///{results / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("snn-harness")
+    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`harness.kind` = 'cell'")
+    assert run.info.status == "FAILED" and run.data.tags["harness.error_type"] == "GroupBroken"  # recorded before leaving

@@ -30,7 +30,7 @@ def _drive(display: ProgressDisplay) -> None:
     matrix = Matrix(name="m", path="m.toml", description="", axes={"seed": [0]}, cells=[cell], skipped=[], excluded=0, filtered_out=0)
     run = MatrixRun(matrix=matrix, results_dir=Path("results"), tracking_uri="sqlite:///x.db", experiment="e")
     display.on_matrix_start(run)
-    display.on_cell_start(cell, {"device": "cpu", "num_parameters": 10})
+    display.on_cell_start(cell, {"device": "cpu", "num_parameters": 10, "warnings": ["the checkpoint holds CUDA random states of 8 GPU(s)"]})
     for epoch in (1, 2):
         for b in (1, 2, 3):
             display.on_batch_end(cell, "train", b, 3)
@@ -46,6 +46,7 @@ def test_plain_lines_when_not_a_terminal():
     out = stream.getvalue()
     assert "\x1b[" not in out  # no escape codes in logs
     assert "[cell 1/1] seed=0 (abc123) started on cpu, 10 parameters" in out
+    assert "  warning: the checkpoint holds CUDA random states of 8 GPU(s)" in out  # what a resume could not restore
     assert "  epoch 2/2: loss 1.5000, train 50.00%, test 62.50%, 1.0s" in out
     assert "[cell 1/1] seed=0: finished, test top-1 62.50% (2.0s)" in out
     assert "matrix m: 1 finished in" in out

@@ -33,6 +33,7 @@ epochs = {epochs}
 batch_size = 16
 time_steps = 2
 meters = []
+device = "cpu"
 
 [defaults.optimizer]
 lr = 0.05

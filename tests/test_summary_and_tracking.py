@@ -147,3 +147,22 @@ def _alive(pid: int) -> bool:
         return False
     state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
     return bool(state) and not state.startswith("Z")
+
+
+def test_what_a_resume_could_not_restore_is_a_tag_of_the_cell_run_not_a_param(tmp_path):
+    from harness.config import CellConfig, Component
+    from harness.matrix import Cell, Matrix
+    from harness.session import MatrixRun
+    from snn_harness_plugins.mlflow_tracking import MlflowTracker
+
+    cfg = CellConfig(dataset=Component("digits"), model=Component("vgg_small"), normalizer=Component("vanilla_bn"),
+                     trainer=Component("bptt"), epochs=1, batch_size=8, time_steps=2)
+    cell = Cell(id="abc123", index=0, config=cfg, axes={"seed": 0})
+    matrix = Matrix(name="m", path="m.toml", description="", axes={"seed": [0]}, cells=[cell], skipped=[], excluded=0, filtered_out=0)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker()
+    tracker.on_matrix_start(MatrixRun(matrix=matrix, results_dir=tmp_path, tracking_uri=uri, experiment="e"))
+    tracker.on_cell_start(cell, {"device": "cuda:0", "num_parameters": 10, "warnings": ["restored those of cuda:0..cuda:1", "second"]})
+    run = tracker.client.get_run(tracker.runs["abc123"])
+    assert run.data.tags["harness.warnings"] == "restored those of cuda:0..cuda:1\nsecond"
+    assert "info.warnings" not in run.data.params and run.data.params["info.num_parameters"] == "10"

@@ -23,8 +23,8 @@ combination ``mean = sum_i n_i mean_i / N``, ``var = sum_i n_i (var_i + (mean_i 
 gives the union statistics without the cancellation of ``E[x^2] - E[x]^2``. One collective per
 call, no host synchronization (counts travel as tensors). Every process gets the same gathered
 bytes and runs the same operations on them, so the statistics, and whatever is decided from them
-(running buffers, OSR's fallback, OTS thresholds), are identical on all processes. 16-bit inputs
-are reduced in float32.
+(running buffers, OSR's fallback, OTS thresholds), are identical on all processes. Statistics of
+16-bit inputs are computed, reduced and returned in float32.
 """
 
 from __future__ import annotations
@@ -112,14 +112,17 @@ def synced_moments(
     correction=0, keepdim=keepdim)`` and the count as an ``int``, exactly as a local module
     computes them. Synchronized: the union statistics (see the module notes) and the count as a
     0-d tensor on ``x``'s device (no host synchronization).
+
+    Statistics of a 16-bit ``x`` (mixed precision) are computed and returned in float32, so that
+    running buffers (float32) and ratios of standard deviations keep their precision.
     """
     group = group if group is not None else _STATS_GROUP
     dims = _normalize_dims(dims, x.ndim)
     n_local = math.prod(x.shape[d] for d in dims)
+    xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in float32 at least
     if world_size(group) <= 1:
-        var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=keepdim)
+        var, mean = torch.var_mean(xs, dim=dims, correction=0, keepdim=keepdim)
         return mean, var, n_local
-    xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     if n_local > 0:
         var_l, mean_l = torch.var_mean(xs, dim=dims, correction=0, keepdim=True)
     else:  # an empty share of the batch: it adds nothing (and no NaN)
@@ -133,7 +136,7 @@ def synced_moments(
     mean = (weights * means).sum(0)
     var = (weights * (variances + (means - mean).square())).sum(0)  # Chan et al.: no cancellation
     shape = mean_l.shape if keepdim else tuple(s for i, s in enumerate(mean_l.shape) if i not in dims)
-    return mean.reshape(shape).to(x.dtype), var.reshape(shape).to(x.dtype), n.reshape(())
+    return mean.reshape(shape), var.reshape(shape), n.reshape(())
 
 
 def batch_norm(
@@ -150,8 +153,11 @@ def batch_norm(
     """``F.batch_norm`` (channels on dimension 1, statistics over the others) whose training
     statistics are synchronized across processes (:func:`synced_moments`), running statistics
     included (``run = (1 - momentum) * run + momentum * new``, unbiased running variance over the
-    union count). Not synchronized, or in evaluation: ``F.batch_norm`` itself."""
+    union count). Not synchronized, or in evaluation: ``F.batch_norm`` itself. A 16-bit ``x``
+    (mixed precision) is normalized in float32 and the output returned in its precision."""
     if not is_synchronized(training, group):
+        if x.dtype in (torch.float16, torch.bfloat16):  # float32 statistics, as a float32 input gets
+            return F.batch_norm(x.float(), running_mean, running_var, weight, bias, training, momentum, eps).to(x.dtype)
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     dims = (0, *range(2, x.ndim))
     mean, var, n = synced_moments(x, dims, keepdim=True, group=group)
@@ -167,4 +173,4 @@ def batch_norm(
         y = y * weight.view(shape)
     if bias is not None:
         y = y + bias.view(shape)
-    return y
+    return y.to(x.dtype)  # statistics in float32, output in the input's precision (as F.batch_norm)

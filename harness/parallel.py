@@ -19,7 +19,9 @@ cell from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,11 +166,36 @@ class GradientAveragingOptimizer:
     Trainers call ``optimizer.step()`` whenever their schedule says (after a sequence, or after
     every step for ``update = "step"``), so averaging there works for any trainer, without
     wrapping the model. Everything else is the wrapped optimizer's.
+
+    Overlap, as DDP does it: the backward pass inside :meth:`last_backward` (the last one before
+    the next ``step()``; :func:`harness.training.last_backward` is how a trainer says so) averages
+    the gradients while it runs. Parameters are grouped into buckets of about ``bucket_bytes``
+    (in reverse order of registration, roughly the order in which backward produces their
+    gradients); each bucket's all-reduce starts, asynchronously, as soon as backward has produced
+    all of its gradients, and ``step()`` waits for them. Buckets start in the same order on every
+    process (a bucket waits for the ones before it), as collectives must. Without
+    :meth:`last_backward` (a third party's trainer), ``step()`` averages everything at once, after
+    the backward. Both give the same numbers. Like DDP without ``find_unused_parameters``, every
+    process's backward must give the same parameters a gradient.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.__dict__["optimizer"] = optimizer
-        self.__dict__["_synchronized"] = False
+    def __init__(self, optimizer: torch.optim.Optimizer, bucket_bytes: int = 25 * 2**20) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        buckets: list[list[torch.Tensor]] = []
+        size = bucket_bytes
+        for p in reversed(params):
+            if size >= bucket_bytes:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(p)
+            size += p.numel() * p.element_size()
+        state = {
+            "optimizer": optimizer, "_synchronized": False, "_buckets": buckets,
+            "_bucket_of": {id(p): k for k, bucket in enumerate(buckets) for p in bucket},
+            "_armed": False, "_ready": [0] * len(buckets), "_launched": [],
+        }
+        self.__dict__.update(state)
+        self.__dict__["_hooks"] = [p.register_post_accumulate_grad_hook(self._gradient_ready) for p in params]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.optimizer, name)
@@ -176,22 +203,62 @@ class GradientAveragingOptimizer:
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self.optimizer, name, value)
 
+    @contextlib.contextmanager
+    def last_backward(self) -> Iterator[None]:
+        """The backward pass inside is the last before ``step()``: average while it runs."""
+        self.__dict__["_armed"] = True
+        try:
+            yield
+        except BaseException:
+            self.__dict__["_armed"] = False
+            raise
+        self.__dict__["_armed"] = False
+        for k in range(len(self._launched), len(self._buckets)):  # parameters that got no gradient
+            self._launch(k)
+
+    def _gradient_ready(self, param: torch.Tensor) -> None:
+        if not self._armed:
+            return
+        self._ready[self._bucket_of[id(param)]] += 1
+        while len(self._launched) < len(self._buckets):
+            k = len(self._launched)
+            if self._ready[k] < len(self._buckets[k]):
+                break
+            self._launch(k)
+
+    def _launch(self, k: int) -> None:
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self._buckets[k]])
+        self._launched.append((k, dist.all_reduce(flat, async_op=True), flat))
+
     def synchronize(self) -> None:
         """Average the gradients now (once per step): before clipping, say, so that the clipped
         update is the union batch's (``harness.training.clip_grad_norm`` calls this)."""
         if self._synchronized:
             return
         world = dist.get_world_size()
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if grads:
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            flat /= world
-            offset = 0
-            for g in grads:
-                n = g.numel()
-                g.copy_(flat[offset : offset + n].view_as(g))
-                offset += n
+        if self._launched:  # started during the last backward: wait, then write the averages back
+            for k, work, flat in self._launched:
+                work.wait()
+                flat /= world
+                offset = 0
+                for p in self._buckets[k]:
+                    n = p.numel()
+                    if p.grad is not None:
+                        p.grad.copy_(flat[offset : offset + n].view_as(p))
+                    offset += n
+            self._launched.clear()
+            self.__dict__["_ready"] = [0] * len(self._buckets)
+        else:
+            grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if grads:
+                flat = torch.cat([g.reshape(-1) for g in grads])
+                dist.all_reduce(flat)
+                flat /= world
+                offset = 0
+                for g in grads:
+                    n = g.numel()
+                    g.copy_(flat[offset : offset + n].view_as(g))
+                    offset += n
         self.__dict__["_synchronized"] = True
 
     def step(self, closure: Any = None) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -59,6 +61,20 @@ class Trainer:
 def predict(logits: Tensor) -> Tensor:
     """The class with the largest summed output: ``argmax_k sum_t o[t]`` (METHOD.md section 1)."""
     return logits.sum(0).argmax(-1)
+
+
+@contextlib.contextmanager
+def last_backward(optimizer: Any) -> Iterator[None]:
+    """Wrap the last backward pass before ``optimizer.step()`` in this: under data parallelism the
+    gradients are then averaged across processes while the backward runs, bucket by bucket, as
+    DDP does (:class:`harness.parallel.GradientAveragingOptimizer`); otherwise it does nothing.
+    A trainer that does not use it is still right: ``step()`` averages after the backward."""
+    overlap = getattr(optimizer, "last_backward", None)
+    if overlap is None:
+        yield
+        return
+    with overlap():
+        yield
 
 
 def clip_grad_norm(optimizer: Any, parameters: Any, max_norm: float) -> None:

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from harness import hookimpl
 from harness.snn import LIFNeuron, TimeDistributed, begin_sequence, end_sequence, run_sequence, set_step_mode
-from harness.training import BatchResult, SequenceLoss, Trainer, clip_grad_norm, predict
+from harness.training import BatchResult, SequenceLoss, Trainer, clip_grad_norm, last_backward, predict
 
 
 class BPTTTrainer(Trainer):
@@ -32,7 +32,8 @@ class BPTTTrainer(Trainer):
         logits = run_sequence(model, inputs, "sequence")
         loss = loss_fn(logits, target)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with last_backward(optimizer):  # DDP: gradients averaged while backward runs
+            loss.backward()
         if self.max_grad_norm > 0:
             clip_grad_norm(optimizer, model.parameters(), self.max_grad_norm)
         optimizer.step()
@@ -105,7 +106,11 @@ class OnlineTrainer(Trainer):
         for t in range(T):
             out = model(inputs[t])
             loss_t = loss_fn.step(out, target) / T
-            loss_t.backward()  # frees this step's graph
+            if self.update == "step" or t == T - 1:  # the last backward before an optimizer step
+                with last_backward(optimizer):
+                    loss_t.backward()  # frees this step's graph
+            else:
+                loss_t.backward()
             if self.update == "step":
                 self._step(model, optimizer)
                 optimizer.zero_grad(set_to_none=True)

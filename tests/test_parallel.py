@@ -75,6 +75,79 @@ def test_gradients_are_averaged_across_processes_before_the_step(tmp_path):
     assert torch.equal(w0, w1) and torch.allclose(w0, -1.5 * torch.tensor([1.0, 2.0, 3.0]))
 
 
+def _overlap_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from harness import get_registry
+    from harness.parallel import GradientAveragingOptimizer
+    from harness.snn import LayerFactory, LIFNeuron
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    registry = get_registry()
+    report = {}
+    for trainer_name in ("bptt", "online"):
+        nets, optimizers = [], []
+        for bucket_bytes in (512, None):  # small buckets: several all-reduces while backward runs
+            torch.manual_seed(0)
+            layers = LayerFactory(normalizer=lambda c: registry.normalizers["vanilla_bn"](num_features=c),
+                                  neuron=lambda: LIFNeuron(registry.thresholds["fixed"]()))
+            net = registry.models["vgg_small"](in_channels=1, num_classes=3, input_size=(8, 8), layers=layers, channels=[4, 8])
+            opt = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
+            nets.append(net)
+            optimizers.append(GradientAveragingOptimizer(opt, bucket_bytes) if bucket_bytes else GradientAveragingOptimizer(opt))
+        overlapped, plain = optimizers
+        launched_in_backward = []
+        real_launch = overlapped._launch
+        overlapped.__dict__["_launch"] = lambda k: (launched_in_backward.append(overlapped._armed), real_launch(k))[1]
+        trainer = registry.trainers[trainer_name]()
+        loss_fn = registry.losses["tet"]()
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(3):
+            x, y = torch.rand(3, 6, 1, 8, 8, generator=g), torch.randint(0, 3, (6,), generator=g)
+            trainer.train_batch(nets[0], x, y, loss_fn, overlapped)
+            # The reference: a trainer that does not say which backward is the last one.
+            nets[1].train()
+            from harness.snn import run_sequence
+
+            if trainer_name == "bptt":
+                plain.zero_grad(set_to_none=True)
+                loss_fn(run_sequence(nets[1], x, "sequence"), y).backward()
+                plain.step()
+            else:
+                trainer.train_batch(nets[1], x, y, loss_fn, _Plain(plain))
+        report[trainer_name] = {
+            "buckets": len(overlapped._buckets),
+            "all_in_backward": all(launched_in_backward) and len(launched_in_backward) == 3 * len(overlapped._buckets),
+            "equal": all(torch.equal(a, b) for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values())),
+        }
+    torch.save(report, f"{out}/overlap{rank}.pt")
+    dist.destroy_process_group()
+    _exit_worker()
+
+
+class _Plain:
+    """The optimizer as a third party's trainer sees it, without ``last_backward``."""
+
+    def __init__(self, opt) -> None:
+        self.opt = opt
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.opt.step()
+
+
+def test_gradients_averaged_while_backward_runs_equal_those_averaged_after_it(tmp_path):
+    mp.spawn(_overlap_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        report = torch.load(tmp_path / f"overlap{rank}.pt")
+        for trainer, r in report.items():
+            assert r["buckets"] > 1 and r["all_in_backward"], (trainer, r)  # every bucket started inside backward
+            assert r["equal"], trainer  # the same parameters, bit for bit
+
+
 MATRIX = """
 name = "ddp"
 [defaults]

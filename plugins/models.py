@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from harness import hookimpl
-from harness.snn import LayerFactory, SpikingSequential
+from harness.snn import GlobalAvgPool, LayerFactory, SpikingSequential
 
 
 def vgg_small(
@@ -35,7 +35,7 @@ def vgg_small(
     readout = nn.Linear(c_in, num_classes)
     nn.init.normal_(readout.weight, 0.0, 0.01)  # FC initialised N(0, 0.01) as in the official VGGSNN
     nn.init.zeros_(readout.bias)
-    body += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), readout]
+    body += [GlobalAvgPool(), readout]
     return SpikingSequential(*body)
 
 

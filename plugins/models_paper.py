@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from harness import hookimpl
-from harness.snn import LayerFactory, LIFNeuron, SequenceModule, SpikingSequential
+from harness.snn import GlobalAvgPool, LayerFactory, LIFNeuron, SequenceModule, SpikingSequential
 
 __all__ = [
     "Residual",
@@ -222,7 +222,7 @@ def vggsnn(
         assert isinstance(v, int)
         body += [_conv(c, v, 3, zero_bias=True), layers.normalizer(v), *_spiking(layers, dropout)]
         c = v
-    body += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    body += [GlobalAvgPool()]
     for hidden in classifier:
         h = int(hidden)
         body += [_linear_n001(c, h), _vector_normalizer(layers, h), *_spiking(layers, classifier_dropout)]
@@ -337,7 +337,7 @@ def _resnet34(
         stage = [block(c if i == 0 else planes, planes, stride if i == 0 else 1) for i in range(blocks)]
         stages.append(SpikingSequential(*stage))
         c = planes
-    head = SpikingSequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, num_classes))
+    head = SpikingSequential(GlobalAvgPool(), nn.Linear(c, num_classes))
     return SpikingSequential(*stages, head)
 
 

@@ -171,3 +171,18 @@ def test_a_deterministic_cell_runs_with_deterministic_algorithms(registry):
     cell = tiny_cell(0, max_train_batches=1, max_eval_batches=1, deterministic=True)
     assert run_cell(cell, registry, Probe()).status == "finished"
     assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_global_average_pooling_is_adaptive_pooling_bit_for_bit_and_saves_nothing():
+    from harness.meters.memory import SavedTensorMeter
+    from harness.snn import GlobalAvgPool
+
+    torch.manual_seed(0)
+    for shape in [(16, 8, 7, 7), (4, 32, 2, 2), (6, 5, 3, 3), (2, 4, 1, 1)]:
+        x = torch.randn(*shape, requires_grad=True)
+        g = torch.randn(shape[:2])
+        reference = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())(x)
+        with SavedTensorMeter() as meter:
+            y = GlobalAvgPool()(x)
+        assert torch.equal(y, reference) and meter.peak_bytes == 0
+        assert torch.equal(*(torch.autograd.grad(out, x, g)[0] for out in (y, reference)))

@@ -3,6 +3,7 @@
 from harness.snn.neuron import LayerFactory, LIFNeuron, SigmoidSurrogateSpike, ThresholdPolicy, spike
 from harness.snn.protocol import (
     STEP_MODES,
+    GlobalAvgPool,
     SequenceAware,
     SequenceModule,
     SpikingSequential,
@@ -18,6 +19,7 @@ from harness.snn.protocol import (
 
 __all__ = [
     "STEP_MODES",
+    "GlobalAvgPool",
     "LIFNeuron",
     "LayerFactory",
     "SequenceAware",

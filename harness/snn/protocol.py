@@ -127,6 +127,17 @@ class TimeDistributed(SequenceModule):
         return self.forward_step(x) if self.step_mode == "single" else self.forward_sequence(x)
 
 
+class GlobalAvgPool(nn.Module):
+    """Global average pooling, ``[N, C, H, W] -> [N, C]``: the mean over the spatial dimensions.
+
+    The same numbers as ``nn.AdaptiveAvgPool2d(1)`` followed by ``nn.Flatten()``, forward and
+    backward, but its backward is deterministic on CUDA (adaptive pooling's is not, so
+    ``torch.use_deterministic_algorithms`` refuses it) and it saves nothing for backward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(-2, -1))
+
+
 class SpikingSequential(nn.Sequential):
     """``nn.Sequential`` whose plain (stateless) layers are wrapped in :class:`TimeDistributed`."""
 

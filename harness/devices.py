@@ -15,7 +15,9 @@ run and across a resume. On a GPU, ``deterministic = true`` asks PyTorch for det
 algorithms (``torch.use_deterministic_algorithms``; an operation without one raises), turns
 cuDNN's autotuner off and computes float32 matrix products and convolutions in full float32
 precision (no TF32); the run then repeats bit for bit on the same GPU model, driver and library
-versions. Without it (the default) cuDNN picks the fastest algorithms (``cudnn_benchmark``), some
+versions. The built-in models and loss use only operations that have a deterministic CUDA
+implementation there (global average pooling as a mean, the cross-entropy as a one-hot product);
+a plugin's operation without one stops the cell with PyTorch's error naming it. Without it (the default) cuDNN picks the fastest algorithms (``cudnn_benchmark``), some
 of which are not deterministic, and results vary in the last digits between runs.
 """
 

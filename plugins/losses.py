@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from harness import hookimpl
 from harness.training import SequenceLoss
+
+
+def cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Softmax cross-entropy, mean over the batch: ``F.cross_entropy``, except on CUDA under
+    ``torch.use_deterministic_algorithms`` (a cell's ``deterministic = true``), where PyTorch has
+    no deterministic NLL loss and refuses it: there the same quantity as a one-hot product and
+    plain reductions, which are deterministic (equal up to rounding)."""
+    if logits.is_cuda and torch.are_deterministic_algorithms_enabled():
+        onehot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
+        return -(F.log_softmax(logits, dim=-1) * onehot).sum(-1).mean()
+    return F.cross_entropy(logits, target)
 
 
 class TETLoss(SequenceLoss):
@@ -23,7 +35,7 @@ class TETLoss(SequenceLoss):
         self.mse_weight = mse_weight
 
     def step(self, logits: Tensor, target: Tensor) -> Tensor:
-        loss = F.cross_entropy(logits, target)
+        loss = cross_entropy(logits, target)
         if self.mse_weight:
             onehot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
             loss = (1.0 - self.mse_weight) * loss + self.mse_weight * F.mse_loss(logits, onehot)

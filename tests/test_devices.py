@@ -186,3 +186,21 @@ def test_global_average_pooling_is_adaptive_pooling_bit_for_bit_and_saves_nothin
             y = GlobalAvgPool()(x)
         assert torch.equal(y, reference) and meter.peak_bytes == 0
         assert torch.equal(*(torch.autograd.grad(out, x, g)[0] for out in (y, reference)))
+
+
+def test_the_deterministic_cross_entropy_is_cross_entropy(monkeypatch):
+    import torch.nn.functional as F
+
+    from snn_harness_plugins.losses import cross_entropy
+
+    torch.manual_seed(0)
+    logits, target = torch.randn(16, 10, requires_grad=True), torch.randint(0, 10, (16,))
+    reference = F.cross_entropy(logits, target)
+    assert torch.equal(cross_entropy(logits, target), reference)  # the CPU path is F.cross_entropy itself
+    # The CUDA-under-deterministic-algorithms formulation, evaluated here on the CPU:
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with devices.backend_settings(deterministic=True, cudnn_benchmark=False):
+        deterministic = cross_entropy(logits, target)
+    monkeypatch.undo()
+    torch.testing.assert_close(deterministic, reference, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(torch.autograd.grad(deterministic, logits)[0], torch.autograd.grad(reference, logits)[0])

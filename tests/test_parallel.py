@@ -169,19 +169,6 @@ channels = [4, 8]
 """
 
 
-def _cell_worker(rank: int, world: int, port: int, matrix: str, results: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ["SNN_HARNESS_DISABLE_PLUGIN_AUTOLOAD"] = "1"
-    torch.set_num_threads(1)
-    from harness.cli import main
-
-    import torch.distributed as dist
-
-    code = main(["run", "--matrix", matrix, "--results", results])
-    Path(results, f"code{rank}").write_text(f"{code} {dist.is_initialized()}")  # and did it leave the group?
-    _exit_worker()
-
-
 @pytest.mark.slow
 def test_a_cell_on_two_processes_equals_one_process_on_the_union_batch(tmp_path):
     # OSR and OTS under the online trainer: synchronized per-step and all-time statistics, layer
@@ -195,7 +182,8 @@ def test_a_cell_on_two_processes_equals_one_process_on_the_union_batch(tmp_path)
     single = tmp_path / "single"
     assert main(["run", "--matrix", str(path), "--results", str(single)]) == 0
     double = tmp_path / "double"
-    mp.spawn(_cell_worker, args=(2, _free_port(), str(path), str(double)), nprocs=2)
+    double.mkdir()
+    mp.spawn(_cli_worker, args=(2, _free_port(), str(path), str(double)), nprocs=2)
     assert (double / "code0").read_text() == (double / "code1").read_text() == "0 False"
     (a,) = csv.DictReader((single / "ddp" / "summary.csv").open())
     (b,) = csv.DictReader((double / "ddp" / "summary.csv").open())  # process 0 alone wrote results

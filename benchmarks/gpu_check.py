@@ -129,7 +129,8 @@ def check_host_syncs(ctx: Context) -> dict[str, Any]:
     for combo in COMBOS:
         sites, sync_warnings = {}, {}
         for batches in (2, 4):
-            c = cell(ctx, *combo, device=device_type if device_type == "meta" else None, max_train_batches=batches)
+            c = cell(ctx, *combo, device=device_type if device_type == "meta" else None, max_train_batches=batches,
+                     meters=("firing_rate", "memory", "synops"))  # the meters' hooks run in every step too
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 if device_type == "cuda":

@@ -238,7 +238,7 @@ class DivergenceGuard:
         ok = flags.all().float().reshape(1)
         if parallel.current().enabled:  # every process stops together, or none does
             observers_ok = 0.0 if self.held is not None and self.held.error is not None else 1.0
-            both = torch.cat([ok, torch.tensor([observers_ok], device=ok.device)])
+            both = torch.cat([ok, torch.full((1,), observers_ok, device=ok.device)])  # no copy from the host
             torch.distributed.all_reduce(both, op=torch.distributed.ReduceOp.MIN)
             finite, observed = both.tolist()  # the one host sync
             if not observed:

@@ -26,7 +26,7 @@ class Component:
 
 @dataclass(frozen=True)
 class NeuronConfig:
-    """LIF neuron (METHOD.md section 1; defaults are the official code's)."""
+    """LIF neuron (docs/method.md section 1; defaults are the official code's)."""
 
     tau: float = 2.0  # membrane time constant: decay = 1 - 1/tau
     reset: Literal["soft", "hard"] = "soft"  # soft: u -= s*theta (official code); hard: u = 0 (Eq. 4)

@@ -59,7 +59,7 @@ class Trainer:
 
 
 def predict(logits: Tensor) -> Tensor:
-    """The class with the largest summed output: ``argmax_k sum_t o[t]`` (METHOD.md section 1)."""
+    """The class with the largest summed output: ``argmax_k sum_t o[t]`` (docs/method.md section 1)."""
     return logits.sum(0).argmax(-1)
 
 

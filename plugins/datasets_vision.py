@@ -2,7 +2,7 @@
 
 Each is read with torchvision's own reader (``CIFAR10``/``CIFAR100`` on the python-pickle
 release, ``ImageFolder`` on the usual ILSVRC2012 folder tree) and carries the augmentation of the
-paper's official code (METHOD.md section 8; github.com/zhuyaoyu/SNN-online-normalization,
+paper's official code (docs/method.md section 8; github.com/zhuyaoyu/SNN-online-normalization,
 ``datasets/data.py``), except for the kind of Cutout (see :class:`Cutout`). Nothing is downloaded at import time, and nothing at all unless a matrix
 sets ``download = true`` for a CIFAR set; missing files fail with one
 :class:`~snn_harness_plugins.datasets.DatasetNotFoundError` naming the expected layout and how to

@@ -1,4 +1,4 @@
-"""Built-in losses: ``tet`` (TET with an MSE regularizer, paper Eq. 5, METHOD.md section 2)."""
+"""Built-in losses: ``tet`` (TET with an MSE regularizer, paper Eq. 5, docs/method.md section 2)."""
 
 from __future__ import annotations
 

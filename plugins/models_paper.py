@@ -1,4 +1,4 @@
-"""The paper's architectures (METHOD.md section 8; Appendix C): ``vggsnn``, ``resnet19``,
+"""The paper's architectures (docs/method.md section 8; Appendix C): ``vggsnn``, ``resnet19``,
 ``sew_resnet34`` and ``nf_resnet34``, built after the official code
 (github.com/zhuyaoyu/SNN-online-normalization, ``models/``) with the harness's step protocol.
 
@@ -209,7 +209,7 @@ def vggsnn(
     variant (FC 512-1024-1024-11). Each hidden layer is FC -> normalizer -> LIF -> dropout
     ``classifier_dropout``, as the official heavy classifier (``SynapseNeuron`` = FC + BN + LIF,
     then ``Dropout()``, p = 0.5); here the dropout mask is fixed over the sequence like the neuron
-    dropout, and the WS-only ``Scale(2.74)`` is left out (METHOD.md: no weight standardization).
+    dropout, and the WS-only ``Scale(2.74)`` is left out (docs/method.md section 8: no weight standardization).
     Any ``input_size`` of at least 8x8 works (GAP after the third pooling).
     """
     _check_size("vggsnn", input_size, 8)
@@ -268,7 +268,7 @@ def resnet19(
     dropout: float = 0.0,
     bias: bool = True,
 ) -> SpikingSequential:
-    """ResNet-19 for CIFAR (official ``OnlineSpikingResNet19``; METHOD.md section 8).
+    """ResNet-19 for CIFAR (official ``OnlineSpikingResNet19``; docs/method.md section 8).
 
     Stem conv3x3 (128) -> norm -> LIF; stages 3x128, 3x256 (stride 2), 2x512 (stride 2) of basic
     blocks with the normalizer *after* the residual add, then LIF; head AvgPool2 ->

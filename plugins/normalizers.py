@@ -1,6 +1,6 @@
-"""Built-in normalizers: ``vanilla_bn`` (per-step batch normalization, METHOD.md section 4),
-``osr`` (Online Spiking Renormalization, paper Eqs. 8-15, Algorithms 1-2, METHOD.md section 5) and
-the baselines ``bntt``, ``tdbn``, ``tebn`` (METHOD.md section 7).
+"""Built-in normalizers: ``vanilla_bn`` (per-step batch normalization, docs/method.md section 4),
+``osr`` (Online Spiking Renormalization, paper Eqs. 8-15, Algorithms 1-2, docs/method.md section 5) and
+the baselines ``bntt``, ``tdbn``, ``tebn`` (docs/method.md section 7).
 
 Under data-parallel training (``torch.distributed`` initialized with more than one process) every
 batch statistic is computed over the union of the processes' batches, like ``nn.SyncBatchNorm``,
@@ -76,7 +76,7 @@ class _StepStatisticsNorm(SequenceModule):
 
 
 class VanillaBatchNorm(_StepStatisticsNorm):
-    """Per-step batch normalization, the paper's online baseline (Appendix C, METHOD.md section 4).
+    """Per-step batch normalization, the paper's online baseline (Appendix C, docs/method.md section 4).
 
     Training, at every step ``t``: ``Ĩ[t] = gamma * (I[t] - mu[t]) / sqrt(var[t] + eps) + beta``
     with the batch mean and biased variance of that step only (per channel, over batch and
@@ -126,7 +126,7 @@ class VanillaBatchNorm(_StepStatisticsNorm):
 
 
 class OnlineSpikingRenormalization(_StepStatisticsNorm):
-    """Online Spiking Renormalization, OSR (paper Eqs. 8-15, Algorithms 1-2; METHOD.md section 5).
+    """Online Spiking Renormalization, OSR (paper Eqs. 8-15, Algorithms 1-2; docs/method.md section 5).
 
     Training, at each step ``t``, with ``mu[t]``, ``var[t]`` the per-channel batch mean and biased
     variance of ``I[t]`` (Eq. 13) and ``Î[t] = (I[t] - mu[t]) / sqrt(var[t] + eps)``::

@@ -1,5 +1,5 @@
 """Built-in threshold policies: ``fixed`` (a constant threshold theta, Eq. 3) and ``ots``
-(Online Threshold Stabilizer, Eq. 16, Algorithm 1 step 4; METHOD.md section 6)."""
+(Online Threshold Stabilizer, Eq. 16, Algorithm 1 step 4; docs/method.md section 6)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class FixedThreshold(ThresholdPolicy):
 
 
 class OnlineThresholdStabilizer(ThresholdPolicy):
-    """Online Threshold Stabilizer, OTS (Eq. 16; METHOD.md section 6).
+    """Online Threshold Stabilizer, OTS (Eq. 16; docs/method.md section 6).
 
     The membrane potential of a layer at step ``t`` (after charging, before firing) is taken as
     Gaussian with layer-wide scalar mean ``mu[t]`` and standard deviation ``sigma[t]`` (over all

@@ -1,5 +1,5 @@
 """Built-in trainers: ``bptt`` (back-propagation through time) and ``online`` (the paper's
-online training, Eqs. 6-7, and OTTT), METHOD.md sections 3 and 7."""
+online training, Eqs. 6-7, and OTTT), docs/method.md sections 3 and 7."""
 
 from __future__ import annotations
 

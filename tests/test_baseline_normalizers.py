@@ -1,4 +1,4 @@
-"""BNTT, tdBN and TEBN (METHOD.md section 7) against SpikingJelly's implementations, to 1e-5:
+"""BNTT, tdBN and TEBN (docs/method.md section 7) against SpikingJelly's implementations, to 1e-5:
 outputs in training and eval mode, running statistics after several batches, and gradients with
 respect to input and parameters, for conv ([T, B, C, H, W]) and linear ([T, B, C]) inputs."""
 

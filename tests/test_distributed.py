@@ -2,7 +2,7 @@
 processes, each with its share of a union batch), every batch statistic of the normalizers and of
 OTS is that of the union batch, so outputs, input gradients, summed parameter gradients (what DDP
 averages), running statistics and OSR's fallback count equal those of one process on the union
-batch (METHOD.md section 5: the official code synchronizes its statistics like SyncBatchNorm)."""
+batch (docs/method.md section 5: the official code synchronizes its statistics like SyncBatchNorm)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The paper's architectures (plugins/models_paper.py; METHOD.md section 8): parameter counts
+"""The paper's architectures (plugins/models_paper.py; docs/method.md section 8): parameter counts
 against independent formulas and torchvision, shapes and step-mode equality, the per-sequence
 neuron dropout, the SEW ADD and NF (analog shortcut) blocks, and any normalizer fitting."""
 

@@ -1,4 +1,4 @@
-"""OSR against the paper's equations (Eqs. 8-15, Algorithms 1-2; METHOD.md section 5)."""
+"""OSR against the paper's equations (Eqs. 8-15, Algorithms 1-2; docs/method.md section 5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""OTS against Eq. 16 (METHOD.md section 6)."""
+"""OTS against Eq. 16 (docs/method.md section 6)."""
 
 from __future__ import annotations
 

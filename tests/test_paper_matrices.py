@@ -10,7 +10,7 @@ from harness.matrix import load_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 
-# data set: (epochs, batch, lr, weight decay, TET mse weight, neuron dropout, T)  -- METHOD.md section 8
+# data set: (epochs, batch, lr, weight decay, TET mse weight, neuron dropout, T)  -- docs/method.md section 8
 TABLE3 = {
     "paper-cifar10": (300, 128, 0.1, 5e-4, 0.05, 0.0, 4),
     "paper-cifar100": (300, 128, 0.1, 5e-4, 0.05, 0.0, 4),

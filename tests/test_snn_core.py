@@ -1,5 +1,5 @@
 """LIF dynamics against hand-computed traces, the surrogate gradient, the step protocol,
-vanilla BN (METHOD.md section 4) and the TET loss against its formula (Eq. 5)."""
+vanilla BN (docs/method.md section 4) and the TET loss against its formula (Eq. 5)."""
 
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def test_lif_rejects_bad_parameters():
 
 
 # ---------------------------------------------------------------------------------------------
-# Vanilla BN in the online setting (METHOD.md section 4)
+# Vanilla BN in the online setting (docs/method.md section 4)
 # ---------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""LIF neuron (paper Eqs. 2-4, METHOD.md section 1) and the threshold-policy interface."""
+"""LIF neuron (paper Eqs. 2-4, docs/method.md section 1) and the threshold-policy interface."""
 
 from __future__ import annotations
 

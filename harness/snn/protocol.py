@@ -93,7 +93,7 @@ class TimeDistributed(SequenceModule):
     spikes), one step computes ``module(s[t])`` in value while the weight gradient uses the
     presynaptic trace ``a[t] = lambda * a[t-1] + s[t]`` (tracked without gradient) in place of
     ``s[t]``: ``y = module(a) + module_no_bias(s - a; W detached)``, so ``dL/dW = g[t] a[t]^T``
-    and ``dL/ds[t] = W^T g[t]`` (OTTT, Xiao et al. 2022; METHOD.md section 7).
+    and ``dL/ds[t] = W^T g[t]`` (OTTT, Xiao et al. 2022; docs/method.md section 7).
     """
 
     def __init__(self, module: nn.Module) -> None:

@@ -306,9 +306,7 @@ def _two_process_worker(rank: int, port: int, out_dir: str) -> None:
         report["cuda_cell"] = [r.status, r.error_type, (r.error or "").strip().splitlines()[-1:]]
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
     parallel.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # no interpreter finalization with the process group's threads (see harness.cli.entry)
+    parallel.exit_process(0)
 
 
 def check_device_choice(ctx: Context, tmp: Path) -> dict[str, Any]:

@@ -97,16 +97,14 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     """The ``harness`` console command and ``python -m harness``: :func:`main`, then exit.
 
-    A process that took part in data parallelism ends with ``os._exit`` after flushing its
-    output: at interpreter finalization the process group's background threads can abort the
-    process (SIGABRT), which ``torchrun`` would report as a failed run after a successful one."""
+    A process that took part in data parallelism ends with :func:`harness.parallel.exit_process`:
+    at interpreter finalization the process group's threads can abort the process (SIGABRT), which
+    ``torchrun`` would report as a failed run after a successful one."""
     code = main()
     from harness import parallel
 
     if parallel.took_part():
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        parallel.exit_process(code)
     sys.exit(code)
 
 

@@ -319,6 +319,11 @@ def _process_seed(seed: int, rank: int, epoch: int = 0) -> int:
     return seed + 1_000_003 * rank + 7_919 * epoch
 
 
+def _seed_process(seed: int, rank: int, generator: torch.Generator, epoch: int = 0) -> None:
+    seed_everything(_process_seed(seed, rank, epoch))
+    generator.manual_seed(_process_seed(seed, rank, epoch))
+
+
 def _build(cfg: CellConfig, registry: Registry, data: DatasetBundle, device: torch.device, generator: torch.Generator) -> _Parts:
     par = parallel.current()
     model = build_model(cfg, registry, data).to(device)
@@ -329,8 +334,7 @@ def _build(cfg: CellConfig, registry: Registry, data: DatasetBundle, device: tor
     step_optimizer = parallel.GradientAveragingOptimizer(optimizer) if par.enabled else optimizer
     if par.rank:  # same initial weights everywhere; from here on each process draws its own
         # augmentations and dropout masks
-        seed_everything(_process_seed(cfg.seed, par.rank))
-        generator.manual_seed(_process_seed(cfg.seed, par.rank))
+        _seed_process(cfg.seed, par.rank, generator)
     return _Parts(model, trainer, loss_fn, optimizer, scheduler, step_optimizer, CellMeters(model, device, cfg.meters))
 
 
@@ -397,8 +401,7 @@ def _restore(state: dict[str, Any], parts: _Parts, generator: torch.Generator, c
             "each process's random stream restarts from the seed and the epoch"
         )
         if par.rank:
-            seed_everything(_process_seed(cfg.seed, par.rank, int(state["epoch"])))
-            generator.manual_seed(_process_seed(cfg.seed, par.rank, int(state["epoch"])))
+            _seed_process(cfg.seed, par.rank, generator, int(state["epoch"]))
     return warnings
 
 
@@ -419,34 +422,34 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
         parts = _build(cfg, registry, data, device, generator)
     meet.settle("while building the cell")
 
-    info: dict[str, Any] = {"device": str(device), **model_size(parts.model), "train_size": len(train_set), "test_size": len(data.test)}
     state, discarded = _read_checkpoint(ckpt, cell.id, par)
+    warnings: list[str] = []
     if state is not None:
         with meet.hold():
             try:
-                info["warnings"] = _restore(state, parts, generator, cfg)
+                warnings = _restore(state, parts, generator, cfg)
             except Exception as exc:  # readable but not this cell's shape (the code changed): start over
                 discarded = f"checkpoint {ckpt} does not fit the cell ({type(exc).__name__}: {exc}); starting from scratch"
                 if par.is_main:
                     checkpoint.remove(ckpt)  # type: ignore[arg-type]
                 parts.meters.close()
                 checkpoint.set_rng_state(fresh, generator)
-                parts, state = _build(cfg, registry, data, device, generator), None
-                info.pop("warnings", None)
+                parts, state, warnings = _build(cfg, registry, data, device, generator), None, []
         meet.settle("while restoring the checkpoint")
+
+    model, trainer, loss_fn, optimizer, scheduler, meters = (
+        parts.model, parts.trainer, parts.loss_fn, parts.optimizer, parts.scheduler, parts.meters)
+    static = model_size(model)
+    info: dict[str, Any] = {"device": str(device), **static, "train_size": len(train_set), "test_size": len(data.test)}
     if discarded:
         info["checkpoint_discarded"] = discarded
+    if warnings:
+        info["warnings"] = warnings
     best, first_epoch = -math.inf, 1
     if state is not None:
         first_epoch, best = int(state["epoch"]) + 1, float(state["best"])
         result.metrics, result.epochs_completed = dict(state["metrics"]), int(state["epoch"])
         info["resumed_from_epoch"] = int(state["epoch"])
-    if not info.get("warnings"):
-        info.pop("warnings", None)
-
-    model, trainer, loss_fn, optimizer, scheduler, meters = (
-        parts.model, parts.trainer, parts.loss_fn, parts.optimizer, parts.scheduler, parts.meters)
-    static = model_size(model)
     hook.on_cell_start(cell=cell, info=info)
     guard = DivergenceGuard(model, held=meet.held)
     num_train = _batches(len(train_loader), cfg.max_train_batches)

@@ -76,16 +76,6 @@ def run_matrix(run: MatrixRun, registry: Registry, hook: Any, executor: Executor
     return results
 
 
-def preflight(matrix: Matrix, registry: Registry, tracking_uri: str) -> None:
-    """Fail before the first cell trains: an unreachable tracking server, a data set whose files
-    are missing. (Unknown plugins and bad options already failed when the matrix was loaded.)
-
-    :raises HarnessError: with what is wrong and what to do about it.
-    """
-    check_tracking(tracking_uri)
-    check_data(matrix, registry)
-
-
 def check_data(matrix: Matrix, registry: Registry) -> None:
     """Load every data set the cells need once (under data parallelism every process does, since
     each node reads its own files).

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from harness import hookimpl
-from harness.snn import GlobalAvgPool, LayerFactory, SpikingSequential
+from harness.snn import AvgPool, GlobalAvgPool, LayerFactory, SpikingSequential
 
 
 def vgg_small(
@@ -29,7 +29,7 @@ def vgg_small(
     for i, c in enumerate(channels):
         body += [nn.Conv2d(c_in, c, kernel_size=3, padding=1, bias=True), layers.normalizer(c), layers.neuron()]
         if i < len(channels) - 1 and size >= 2:
-            body.append(nn.AvgPool2d(2))
+            body.append(AvgPool(2))
             size //= 2
         c_in = c
     readout = nn.Linear(c_in, num_classes)

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from harness import hookimpl
-from harness.snn import GlobalAvgPool, LayerFactory, LIFNeuron, SequenceModule, SpikingSequential
+from harness.snn import AvgPool, GlobalAvgPool, LayerFactory, LIFNeuron, SequenceModule, SpikingSequential
 
 __all__ = [
     "Residual",
@@ -217,7 +217,7 @@ def vggsnn(
     c = in_channels
     for v in VGGSNN_CONFIG:
         if v == "A":
-            body.append(nn.AvgPool2d(kernel_size=2, stride=2))
+            body.append(AvgPool(2))
             continue
         assert isinstance(v, int)
         body += [_conv(c, v, 3, zero_bias=True), layers.normalizer(v), *_spiking(layers, dropout)]
@@ -292,7 +292,7 @@ def resnet19(
         stages.append(SpikingSequential(*stage))
     h, w = h // 2, w // 2
     head = SpikingSequential(
-        nn.AvgPool2d(2, 2),
+        AvgPool(2),
         nn.Flatten(),
         nn.Linear(c * h * w, 256),
         _vector_normalizer(layers, 256),

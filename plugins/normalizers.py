@@ -16,7 +16,11 @@ from torch import Tensor, nn
 
 from harness import hookimpl
 from harness.snn import SequenceModule
-from harness.snn.distributed import batch_norm, synced_moments
+from harness.snn.distributed import batch_norm, is_synchronized, stats_group
+from harness.snn.fused import NormSpec, batch_moments, per_step_norm
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _channel_view(t: Tensor, ndim: int, channel_dim: int) -> Tensor:
@@ -24,6 +28,22 @@ def _channel_view(t: Tensor, ndim: int, channel_dim: int) -> Tensor:
     shape = [1] * ndim
     shape[channel_dim] = -1
     return t.view(shape)
+
+
+def _inference_affine(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, channel_dim: int
+) -> Tensor:
+    """``gamma * (x - mean) / sqrt(var + eps) + beta`` as one pass, ``x * a + b`` (statistics in
+    float32; the output in ``x``'s precision)."""
+    a = torch.rsqrt(var + eps)
+    b = -mean * a
+    if weight is not None:
+        a = a * weight
+        b = b * weight
+    if bias is not None:
+        b = b + bias
+    y = torch.addcmul(_channel_view(b, x.ndim, channel_dim), x, _channel_view(a, x.ndim, channel_dim))
+    return y.to(x.dtype) if y.dtype != x.dtype else y
 
 
 class _StepStatisticsNorm(SequenceModule):
@@ -100,21 +120,15 @@ class VanillaBatchNorm(_StepStatisticsNorm):
     def _sequence_var(self, sum_mean: Tensor, sum_second: Tensor) -> Tensor:
         return sum_second
 
-    def _affine(self, y: Tensor, channel_dim: int) -> Tensor:
-        if self.weight is None:
-            return y
-        return y * _channel_view(self.weight, y.ndim, channel_dim) + _channel_view(self.bias, y.ndim, channel_dim)
-
     def _normalize(self, x: Tensor, channel_dim: int, stat_dims: tuple[int, ...]) -> Tensor:
         # Statistics and arithmetic in float32 at least (16-bit inputs under mixed precision are
         # promoted); the output has the input's precision.
         if not self.training:
-            mean = _channel_view(self.running_mean, x.ndim, channel_dim)
-            var = _channel_view(self.running_var, x.ndim, channel_dim)
-            return self._affine((x - mean) * torch.rsqrt(var + self.eps), channel_dim).to(x.dtype)
-        mean, var, _ = synced_moments(x, stat_dims)  # across processes under DDP
-        self._accumulate(mean.detach(), var.detach())
-        return self._affine((x - mean) * torch.rsqrt(var + self.eps), channel_dim).to(x.dtype)
+            return _inference_affine(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps, channel_dim)
+        spec = NormSpec(stat_dims, channel_dim, self.eps, synchronized=is_synchronized(True), group=stats_group())
+        y = per_step_norm(x, self.weight, self.bias, spec)  # one autograd node; across processes under DDP
+        self._accumulate(spec.mean, spec.var)
+        return y
 
     def forward_step(self, x: Tensor) -> Tensor:
         # x: [B, C, ...]; statistics over batch and space.
@@ -206,48 +220,33 @@ class OnlineSpikingRenormalization(_StepStatisticsNorm):
     def forward_sequence(self, x: Tensor) -> Tensor:
         return self._forward(x, 2, (1, *range(3, x.ndim)))  # x: [T, B, C, ...]: stats per step
 
-    def _view(self, t: Tensor, x: Tensor, channel_dim: int) -> Tensor:
-        return _channel_view(t, x.ndim, channel_dim)
-
     def _forward(self, x: Tensor, channel_dim: int, stat_dims: tuple[int, ...]) -> Tensor:
-        run_mean = self._view(self.running_mean, x, channel_dim)
-        run_std = torch.sqrt(self._view(self.running_var, x, channel_dim) + self.eps)
-        gamma = self._view(self.weight, x, channel_dim) if self.weight is not None else None
-        beta = self._view(self.bias, x, channel_dim) if self.bias is not None else None
-
-        def affine(y: Tensor, g: Tensor | None = gamma) -> Tensor:
-            return y if g is None else y * g + beta
-
         # Statistics and arithmetic in float32 at least (16-bit inputs under mixed precision are
         # promoted by the float32 buffers); the output has the input's precision.
-        if not self.training:
-            return affine((x - run_mean) / run_std).to(x.dtype)  # Eq. 8 / Alg. 1, inference
+        if not self.training or self.mode == "linear":
+            if self.training:  # Appendix E ablation: Eq. 8 in training, no BN inside; statistics still kept
+                with torch.no_grad():
+                    spec = NormSpec(stat_dims, channel_dim, self.eps, synchronized=is_synchronized(True), group=stats_group())
+                    mean, var, _, _ = batch_moments(x.float() if x.dtype in _HALF else x, spec)
+                self._accumulate(mean, var)
+                self._steps += self._count_steps(x, channel_dim)
+            # Eq. 8 / Alg. 1, inference
+            return _inference_affine(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps, channel_dim)
 
-        mean, var, _ = synced_moments(x, stat_dims)  # Eq. 13, across processes under DDP
-        self._accumulate(mean.detach(), var.detach())
-        if self.mode == "linear":  # Appendix E ablation: Eq. 8 in training, no BN inside
-            return affine((x - run_mean) / run_std).to(x.dtype)
-
-        batch_std = torch.sqrt(var + self.eps)
-        x_hat = (x - mean) / batch_std
-        ratio = (batch_std / run_std).detach()  # ng(sqrt(var[t]+eps) / sqrt(run_var+eps))
-        shift = ((mean - run_mean) / run_std).detach()  # ng((mu[t] - run_mean) / sqrt(run_var+eps))
-        if self.gamma_grad == "official" and gamma is not None:
-            # Same value; dL/dgamma = sum dL/dĨ * (Î + shift) (no ratio factor), dL/dI unchanged.
-            y = gamma * (x_hat + shift) + gamma.detach() * x_hat * (ratio - 1.0) + beta
-        else:
-            y = affine(x_hat * ratio + shift)  # Eq. 9
-        if self.fallback_ratio is None:
-            self._steps += self._count_steps(x, channel_dim)
-            return y.to(x.dtype)
-        # Official code: where running and batch scales are > N-fold apart, plain batch statistics
-        # for the whole layer at that step (var[t] = 0 gives sqrt(eps)/sqrt(run_var+eps): no NaN).
-        per_step = tuple(range(x.ndim)) if channel_dim == 1 else tuple(range(1, x.ndim))  # max over channels
-        spread = torch.maximum(ratio, 1.0 / ratio).amax(dim=per_step, keepdim=True)
-        fallback = spread > self.fallback_ratio
-        self._fallback_steps = self._fallback_steps + fallback.sum()  # stays on the device
+        spec = NormSpec(
+            stat_dims, channel_dim, self.eps, kind="osr", running_mean=self.running_mean, running_var=self.running_var,
+            fallback_ratio=self.fallback_ratio, gamma_grad=self.gamma_grad,
+            synchronized=is_synchronized(True), group=stats_group(),
+        )
+        # Eq. 9 in one autograd node: the value of Eq. 8, the gradient of BN (Eqs. 10-12); the
+        # statistics of Eq. 13 across processes under DDP. Official code: where running and batch
+        # scales are > N-fold apart, plain batch statistics for the whole layer at that step.
+        y = per_step_norm(x, self.weight, self.bias, spec)
+        self._accumulate(spec.mean, spec.var)
+        if self.fallback_ratio is not None:
+            self._fallback_steps = self._fallback_steps + spec.fallback.sum()  # stays on the device
         self._steps += self._count_steps(x, channel_dim)
-        return torch.where(fallback, affine(x_hat), y).to(x.dtype)
+        return y
 
     @staticmethod
     def _count_steps(x: Tensor, channel_dim: int) -> int:
@@ -277,9 +276,17 @@ class BatchNormThroughTime(SequenceModule):
         t = self.t
         if t >= self.steps:
             raise ValueError(f"bntt was built for {self.steps} time steps; step {t + 1} has no statistics of its own")
-        return batch_norm(
-            x, self.running_mean[t], self.running_var[t], self.weight[t], None, self.training, self.momentum, self.eps
-        )
+        if not self.training:
+            return _inference_affine(x, self.running_mean[t], self.running_var[t], self.weight[t], None, self.eps, 1)
+        spec = NormSpec((0, *range(2, x.ndim)), 1, self.eps, synchronized=is_synchronized(True), group=stats_group())
+        y = per_step_norm(x, self.weight[t], None, spec)  # one autograd node
+        with torch.no_grad():  # PyTorch BN semantics: EMA, unbiased running variance
+            n = spec.count  # an int, or a device tensor under DDP (the union count)
+            factor = (n / (n - 1) if n > 1 else 1.0) if isinstance(n, int) else n / (n - 1).clamp_min(1)
+            unbiased = spec.var.flatten() * factor
+            self.running_mean[t].lerp_(spec.mean.flatten().to(self.running_mean.dtype), self.momentum)
+            self.running_var[t].lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        return y
 
 
 class _WholeSequenceBatchNorm(SequenceModule):

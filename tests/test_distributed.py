@@ -168,8 +168,11 @@ def test_without_a_process_group_the_helpers_are_the_local_computation():
     assert world_size() == 1 and not is_synchronized(True)
     x = torch.randn(4, 6, 3, 5) * 3 + 1
     mean, var, n = synced_moments(x, (0, 2, 3))
-    ref_var, ref_mean = torch.var_mean(x, dim=(0, 2, 3), correction=0, keepdim=True)
+    ref_mean = x.mean((0, 2, 3), keepdim=True)  # two passes: the mean, then the mean squared deviation
+    ref_var = (x - ref_mean).square().mean((0, 2, 3), keepdim=True)
     assert torch.equal(mean, ref_mean) and torch.equal(var, ref_var) and n == 60
+    welford_var, welford_mean = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0, keepdim=True)
+    torch.testing.assert_close(var.double(), welford_var, rtol=1e-6, atol=1e-6)
     mean, var, n = synced_moments(x, (-1, 0), keepdim=False)
     assert mean.shape == (6, 3) and n == 20
     rm, rv, rm2, rv2 = torch.zeros(6), torch.ones(6), torch.zeros(6), torch.ones(6)

@@ -3,6 +3,7 @@
 from harness.snn.neuron import LayerFactory, LIFNeuron, SigmoidSurrogateSpike, ThresholdPolicy, spike
 from harness.snn.protocol import (
     STEP_MODES,
+    AvgPool,
     GlobalAvgPool,
     SequenceAware,
     SequenceModule,
@@ -19,6 +20,7 @@ from harness.snn.protocol import (
 
 __all__ = [
     "STEP_MODES",
+    "AvgPool",
     "GlobalAvgPool",
     "LIFNeuron",
     "LayerFactory",

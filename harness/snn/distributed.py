@@ -13,12 +13,12 @@ the numbers of one process with ``B`` samples. The helpers here do that:
   unbiased running variance) with synchronized statistics in training.
 
 Without a process group, or with a group of one process, both are the plain local computation
-(``torch.var_mean`` / ``F.batch_norm``), bit for bit. Call them in training only: in evaluation a
+(two-pass moments / ``F.batch_norm``), bit for bit. Call them in training only: in evaluation a
 normalizer uses its running statistics, and a collective there would hang when only one process
 evaluates.
 
-Numerics: each process computes its local mean and biased variance (``torch.var_mean``, exact
-two-pass), one ``all_gather`` collects ``(mean_i, var_i, n_i)`` of every process, and Chan's
+Numerics: each process computes its local mean and biased variance (two passes: the mean,
+then the mean squared deviation), one ``all_gather`` collects ``(mean_i, var_i, n_i)`` of every process, and Chan's
 combination ``mean = sum_i n_i mean_i / N``, ``var = sum_i n_i (var_i + (mean_i - mean)^2) / N``
 gives the union statistics without the cancellation of ``E[x^2] - E[x]^2``. One collective per
 call, no host synchronization (counts travel as tensors). Every process gets the same gathered
@@ -101,6 +101,15 @@ def _normalize_dims(dims: int | Sequence[int], ndim: int) -> tuple[int, ...]:
     return out
 
 
+def _two_pass_moments(x: Tensor, dims: tuple[int, ...], keepdim: bool) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance by two passes, ``mean(x)`` then ``mean((x - mean)^2)``: exact, and on
+    CPU far cheaper than ``torch.var_mean`` (its Welford kernel)."""
+    mean = x.mean(dims, keepdim=True)
+    xc = x - mean
+    var = torch.mul(xc, xc).mean(dims, keepdim=keepdim)
+    return (mean if keepdim else mean.squeeze(dims)), var
+
+
 def synced_moments(
     x: Tensor, dims: int | Sequence[int], *, keepdim: bool = True, group: Any = None
 ) -> tuple[Tensor, Tensor, int | Tensor]:
@@ -108,8 +117,8 @@ def synced_moments(
     over the union of the processes' ``x`` (their other dimensions must agree; the sizes along
     ``dims`` may differ). Differentiable with respect to ``x``.
 
-    Not synchronized (no process group, or one process): ``torch.var_mean(x, dims,
-    correction=0, keepdim=keepdim)`` and the count as an ``int``, exactly as a local module
+    Not synchronized (no process group, or one process): the two-pass mean and biased variance
+    (``torch.var_mean(x, dims, correction=0, keepdim=keepdim)`` up to rounding) and the count as an ``int``, exactly as a local module
     computes them. Synchronized: the union statistics (see the module notes) and the count as a
     0-d tensor on ``x``'s device (no host synchronization).
 
@@ -121,10 +130,10 @@ def synced_moments(
     n_local = math.prod(x.shape[d] for d in dims)
     xs = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # statistics in float32 at least
     if world_size(group) <= 1:
-        var, mean = torch.var_mean(xs, dim=dims, correction=0, keepdim=keepdim)
+        mean, var = _two_pass_moments(xs, dims, keepdim)
         return mean, var, n_local
     if n_local > 0:
-        var_l, mean_l = torch.var_mean(xs, dim=dims, correction=0, keepdim=True)
+        mean_l, var_l = _two_pass_moments(xs, dims, True)
     else:  # an empty share of the batch: it adds nothing (and no NaN)
         mean_l = var_l = xs.sum(dim=dims, keepdim=True)
     k = mean_l.numel()

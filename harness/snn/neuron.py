@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from harness.snn.fused import LIFSpec, lif_sequence
 from harness.snn.protocol import SequenceAware, SequenceModule
 
 
@@ -39,7 +40,16 @@ class ThresholdPolicy(SequenceAware, nn.Module):
     ``forward(u, t)`` receives the membrane potential ``u[t]`` after charging and before firing
     (``t`` counts from 0) and returns ``theta[t]``: a float, a scalar tensor, or a tensor that
     broadcasts against ``u``. Per-sequence state is reset in :meth:`begin_sequence`.
+
+    ``differentiable``: ``False`` (the default) promises that ``theta`` carries no gradient (a
+    constant, or statistics taken without gradient, as OTS does); the neuron may then call the
+    policy inside its fused autograd node, where gradient recording is off. A policy whose
+    ``theta`` must carry gradient (a learnable threshold) sets it to ``True``; a policy with
+    parameters that require gradient counts as differentiable too. The neuron then runs its
+    unfused path, where autograd records every operation.
     """
+
+    differentiable: ClassVar[bool] = False
 
     def forward(self, u: Tensor, t: int) -> Tensor | float:  # pragma: no cover - interface
         raise NotImplementedError
@@ -57,6 +67,13 @@ class LIFNeuron(SequenceModule):
 
     ``emits_spikes = True`` makes the firing-rate meter count its outputs (any spiking module of
     a plugin can set it).
+
+    By default the neuron runs as one autograd node per call (a step, or the whole sequence in
+    sequence mode) that saves one tensor per step (:func:`harness.snn.fused.lif_sequence`); the
+    threshold policy is called inside it, at the point between charge and fire. ``fuse = False``,
+    a differentiable threshold policy (:attr:`ThresholdPolicy.differentiable`) or an overridden
+    :meth:`membrane` selects the unfused path, elementwise autograd operations with the same
+    numbers.
     """
 
     emits_spikes = True
@@ -69,6 +86,7 @@ class LIFNeuron(SequenceModule):
         surrogate_alpha: float = 4.0,
         detach_reset: bool = True,
         detach_membrane: bool = False,
+        fuse: bool = True,
     ) -> None:
         super().__init__()
         if tau < 1.0:
@@ -79,6 +97,7 @@ class LIFNeuron(SequenceModule):
         self.decay = 1.0 - 1.0 / tau
         self.tau, self.reset, self.surrogate_alpha = tau, reset, surrogate_alpha
         self.detach_reset, self.detach_membrane = detach_reset, detach_membrane
+        self.fuse = fuse
         self.step_modes = threshold.step_modes  # a neuron runs where its policy can
         self.v: Tensor | None = None  # u[t - 1/2]
 
@@ -91,12 +110,52 @@ class LIFNeuron(SequenceModule):
     def end_sequence(self) -> None:
         self.v = None  # drop the last step's graph
 
+    def membrane(self, u: Tensor) -> Tensor:
+        """The point between charge and fire: ``u[t]`` after charging, before the threshold policy
+        sees it. The identity here; a membrane-potential normalization (MPBN) overrides it. A
+        subclass that overrides it runs the unfused path."""
+        return u
+
+    @property
+    def fused(self) -> bool:
+        """Whether this neuron runs as one autograd node (:func:`harness.snn.fused.lif_sequence`):
+        yes unless ``fuse = False``, the threshold policy is differentiable, or :meth:`membrane`
+        is overridden. Both paths give the same numbers."""
+        policy = self.threshold
+        return (
+            self.fuse
+            and not getattr(policy, "differentiable", False)
+            and not any(p.requires_grad for p in policy.parameters())
+            and type(self).membrane is LIFNeuron.membrane
+        )
+
+    def _spec(self, first_step: int) -> LIFSpec:
+        return LIFSpec(self.decay, self.reset, self.surrogate_alpha, self.detach_reset, self.detach_membrane,
+                       self.threshold, first_step)
+
     def forward_sequence(self, x: Tensor) -> Tensor:
         # A neuron always loops over time, whatever step modes its threshold policy declares
         # (those only decide which trainers the cell may use).
-        return self.loop_steps(x)
+        if not self.fused:
+            return self.loop_steps(x)
+        v = self.v
+        if v is not None and self.detach_membrane:
+            v = v.detach()
+        s, self.v = lif_sequence(x, v, self._spec(self.t))
+        self.t = x.shape[0]
+        return s
 
     def forward_step(self, x: Tensor) -> Tensor:
+        if self.fused:
+            v = self.v
+            if v is not None and self.detach_membrane:
+                v = v.detach()
+            s, self.v = lif_sequence(x.unsqueeze(0), v, self._spec(self.t))
+            return s.squeeze(0)  # a view: its backward copies nothing
+        return self.unfused_step(x)
+
+    def unfused_step(self, x: Tensor) -> Tensor:
+        """One step from elementwise autograd operations, the reference of the fused node."""
         v = self.v
         if v is None:
             u = x  # u[1/2] = 0
@@ -104,6 +163,7 @@ class LIFNeuron(SequenceModule):
             if self.detach_membrane:
                 v = v.detach()
             u = self.decay * v + x  # Eq. 2
+        u = self.membrane(u)
         theta = self.threshold(u, self.t)
         s = spike(u - theta, self.surrogate_alpha)  # Eq. 3
         s_reset = s.detach() if self.detach_reset else s

@@ -22,6 +22,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from harness.snn.fused import avg_pool
+
 STEP_MODES = frozenset({"single", "sequence"})
 
 
@@ -136,6 +138,25 @@ class GlobalAvgPool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x.mean(dim=(-2, -1))
+
+
+class AvgPool(nn.Module):
+    """``k x k`` average pooling with stride ``k`` (``nn.AvgPool2d(k)``'s numbers up to the order of
+    the sum) that saves nothing for backward: the forward sums ``k^2`` strided slices, the backward
+    spreads ``dy / k^2`` over each window (:func:`harness.snn.fused.avg_pool`). ``nn.AvgPool2d``
+    keeps its whole input (a spike tensor, here) only to know its shape."""
+
+    def __init__(self, kernel_size: int = 2) -> None:
+        super().__init__()
+        if int(kernel_size) != kernel_size or kernel_size < 1:
+            raise ValueError(f"kernel_size must be a positive integer, got {kernel_size!r}")
+        self.kernel_size = int(kernel_size)
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return avg_pool(x, self.kernel_size)
 
 
 class SpikingSequential(nn.Sequential):

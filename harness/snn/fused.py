@@ -1,0 +1,412 @@
+"""Fused autograd Functions: one autograd node per normalizer, neuron and pooling layer.
+
+Each Function computes its forward from a few large elementwise passes and its backward by the
+closed formula, saving at most one full-size tensor: per-step batch normalization
+(:func:`per_step_norm`: vanilla BN, OSR, BNTT) saves the normalized input ``x_hat``; the LIF neuron
+(:func:`lif_sequence`) saves ``h[t] = u[t] - theta[t]``; average pooling (:func:`avg_pool`) saves
+nothing. The same numbers as the elementwise compositions they replace (up to floating-point
+order), which the tests keep as the reference (docs/method.md section 9).
+
+They are plain device-agnostic PyTorch (CPU and CUDA alike). The bodies of ``forward`` and
+``backward`` only read and write the tensors named in their docstrings, so a fused Triton or CUDA
+kernel can replace a body without touching the modules that call them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["LIFSpec", "NormSpec", "avg_pool", "batch_moments", "lif_sequence", "per_step_norm"]
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+# -- per-step batch normalization ------------------------------------------------------------------
+
+
+@dataclass
+class NormSpec:
+    """What :func:`per_step_norm` needs besides the tensors, and what it hands back.
+
+    ``dims``: the statistics' dimensions (batch and space, per step); ``channel_dim``: where the
+    channels are. ``kind = "bn"``: ``y = gamma * x_hat + beta``; ``kind = "osr"``: Eq. 9, ``y =
+    gamma * (x_hat * ratio + shift) + beta`` with ``ratio = sqrt(var + eps) / sqrt(run_var + eps)``
+    and ``shift = (mu - run_mean) / sqrt(run_var + eps)`` (no gradient), where a step whose
+    largest ``max(ratio, 1 / ratio)`` over channels exceeds ``fallback_ratio`` uses ``ratio = 1,
+    shift = 0`` (plain BN). ``gamma_grad = "official"`` drops the ratio from gamma's gradient.
+    ``group`` (a process group, or ``None``): the statistics and the backward's two sums are those
+    of the union batch of the group's processes.
+
+    After the call, ``mean``, ``var`` (float32 at least, with singleton dimensions), ``count`` (the
+    elements behind each statistic: an int, or a device tensor under a group) and ``fallback``
+    (OSR: a bool tensor, one entry per step) hold the statistics of the batch.
+    """
+
+    dims: tuple[int, ...]
+    channel_dim: int
+    eps: float
+    kind: str = "bn"
+    running_mean: Tensor | None = None
+    running_var: Tensor | None = None
+    fallback_ratio: float | None = None
+    gamma_grad: str = "paper"
+    group: Any = None
+    synchronized: bool = False
+    mean: Tensor | None = field(default=None, repr=False)
+    var: Tensor | None = field(default=None, repr=False)
+    count: int | Tensor = 0
+    fallback: Tensor | None = field(default=None, repr=False)
+
+
+def _channel_view(t: Tensor, ndim: int, channel_dim: int) -> Tensor:
+    shape = [1] * ndim
+    shape[channel_dim] = -1
+    return t.view(shape)
+
+
+def batch_moments(xs: Tensor, spec: NormSpec, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, int | Tensor]:
+    """``(mean, var, x - mean, count)`` over ``spec.dims``: two-pass means (exact, and much cheaper
+    than ``torch.var_mean`` on CPU); under a process group the union statistics (Chan's combination).
+    ``out``: a buffer like ``xs`` for the squared deviations (its contents are overwritten)."""
+    if spec.synchronized:
+        from harness.snn.distributed import synced_moments
+
+        mean, var, count = synced_moments(xs, spec.dims, group=spec.group)
+        return mean, var, xs - mean, count
+    mean = xs.mean(spec.dims, keepdim=True)
+    xc = xs - mean
+    var = torch.mul(xc, xc, out=out).mean(spec.dims, keepdim=True) if out is not None else torch.mul(xc, xc).mean(spec.dims, keepdim=True)
+    return mean, var, xc, math.prod(xs.shape[d] for d in spec.dims)
+
+
+def _effective_ratio_shift(spec: NormSpec, mean: Tensor, var: Tensor, ndim: int) -> tuple[Tensor, Tensor, Tensor]:
+    """OSR's no-gradient ``ratio`` and ``shift`` per step and channel (Eq. 9), set to ``1`` and ``0``
+    on the steps that fall back to plain batch statistics; and the fallback flags, one per step."""
+    run_mean = _channel_view(spec.running_mean, ndim, spec.channel_dim)
+    run_std = torch.sqrt(_channel_view(spec.running_var, ndim, spec.channel_dim) + spec.eps)
+    ratio = torch.sqrt(var + spec.eps) / run_std
+    shift = (mean - run_mean) / run_std
+    if spec.fallback_ratio is None:
+        return ratio, shift, torch.zeros((), dtype=torch.bool, device=mean.device)
+    per_step = tuple(range(ndim)) if spec.channel_dim == 1 else tuple(range(1, ndim))  # max over all but the step
+    spread = torch.maximum(ratio, 1.0 / ratio).amax(dim=per_step, keepdim=True)
+    fallback = spread > spec.fallback_ratio  # var[t] = 0 gives sqrt(eps) / run_std: finite
+    return torch.where(fallback, 1.0, ratio), torch.where(fallback, 0.0, shift), fallback
+
+
+def _blocks(x: Tensor, spec: NormSpec) -> tuple[list[int | None], tuple[int, ...], int]:
+    """How the work is cut: a whole sequence ``[T, B, C, ...]`` step by step (each step's tensors
+    stay in cache through the passes; several times faster on CPU than whole-sequence reductions),
+    anything else, or a synchronized sequence (one collective), at once. Returns the blocks (a step
+    index, or ``None`` for the whole tensor) and the statistics' and channel dimensions of a block."""
+    if spec.channel_dim == 2 and not spec.synchronized and 0 not in spec.dims:
+        return list(range(x.shape[0])), tuple(d - 1 for d in spec.dims), 1
+    return [None], spec.dims, spec.channel_dim
+
+
+def _part(t: Tensor, block: int | None) -> Tensor:
+    return t if block is None else t[block]
+
+
+class _PerStepNorm(torch.autograd.Function):
+    """``y = a * x_hat + b`` with ``x_hat = (x - mu) / sqrt(var + eps)`` (per step, per channel),
+    ``a = gamma * ratio``, ``b = gamma * shift + beta`` (BN: ``ratio = 1, shift = 0``).
+
+    Forward: two reductions (mean, then the centred second moment) and three elementwise passes,
+    step by step on a whole sequence. Saves ``x_hat`` (float32 for a 16-bit ``x``) and per-channel
+    vectors. Backward, with ``g = dL/dy`` and ``n`` elements per statistic (the BN formula with the
+    effective scale ``a``; Eqs. 10-12 for OSR, where ``a / sqrt(var + eps) = gamma /
+    sqrt(run_var + eps)``)::
+
+        dL/dx     = a / sqrt(var + eps) * (g - sum(g) / n - x_hat * sum(g * x_hat) / n)
+        dL/dgamma = sum(g * (x_hat * ratio + shift))      (official: sum(g * (x_hat + shift)))
+        dL/dbeta  = sum(g)
+
+    Under a process group ``sum(g)`` and ``sum(g * x_hat)`` in ``dL/dx`` are all-reduced (the union
+    batch's, as ``nn.SyncBatchNorm``), while ``gamma``'s and ``beta``'s gradients keep the local sums
+    (the gradient averaging adds the processes' shares).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: NormSpec) -> Tensor:  # type: ignore[override]
+        xs = x.float() if x.dtype in _HALF else x
+        blocks, dims, cd = _blocks(xs, spec)
+        x_hat = torch.empty_like(xs)
+        y = torch.empty_like(xs)  # the squared deviations, then the output
+        stats: list[tuple[Tensor, ...]] = []
+        count: int | Tensor = 0
+        for block in blocks:
+            xb, hb, yb = _part(xs, block), _part(x_hat, block), _part(y, block)
+            ndim = xb.ndim
+            if spec.synchronized:
+                from harness.snn.distributed import synced_moments
+
+                mean, var, count = synced_moments(xb, dims, group=spec.group)
+                torch.sub(xb, mean, out=hb)
+            else:
+                mean = xb.mean(dims, keepdim=True)
+                torch.sub(xb, mean, out=hb)
+                var = torch.mul(hb, hb, out=yb).mean(dims, keepdim=True)
+                count = math.prod(xb.shape[d] for d in dims)
+            invstd = torch.rsqrt(var + spec.eps)
+            hb.mul_(invstd)
+            w = _channel_view(weight, ndim, cd) if weight is not None else None
+            if spec.kind == "osr":
+                sub_spec = spec if block is None else NormSpec(
+                    dims, cd, spec.eps, running_mean=spec.running_mean, running_var=spec.running_var,
+                    fallback_ratio=spec.fallback_ratio)
+                ratio, shift, fallback = _effective_ratio_shift(sub_spec, mean, var, ndim)
+                a = ratio if w is None else w * ratio
+                b = shift if w is None else w * shift
+                if bias is not None:
+                    b = b + _channel_view(bias, ndim, cd)
+                torch.addcmul(b, hb, a, out=yb)
+                stats.append((mean, var, invstd, ratio, shift, fallback))
+            else:
+                if w is None:
+                    yb.copy_(hb)
+                elif bias is None:
+                    torch.mul(hb, w, out=yb)
+                else:
+                    torch.addcmul(_channel_view(bias, ndim, cd), hb, w, out=yb)
+                stats.append((mean, var, invstd))
+        # Per-step statistics with the singleton dimensions of the whole tensor ([T, 1, C, 1, ...]).
+        joined = [torch.stack(col) if blocks[0] is not None else col[0] for col in zip(*stats)]
+        mean, var, invstd = joined[:3]
+        ratio, shift, fallback = joined[3:] if spec.kind == "osr" else (None, None, None)
+        spec.mean, spec.var, spec.count, spec.fallback = mean, var, count, fallback
+        ctx.save_for_backward(x_hat, invstd, weight, ratio, shift)
+        ctx.spec, ctx.has_bias = spec, bias is not None
+        return y.to(x.dtype) if y.dtype != x.dtype else y
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        x_hat, invstd, weight, ratio, shift = ctx.saved_tensors
+        spec: NormSpec = ctx.spec
+        g = grad.to(x_hat.dtype) if grad.dtype != x_hat.dtype else grad
+        blocks, dims, cd = _blocks(x_hat, spec)
+        full_cd, ndim = spec.channel_dim, x_hat.ndim
+        prod = torch.empty_like(x_hat)  # g * x_hat, then the input's gradient
+        sums = []
+        for block in blocks:
+            gb, hb = _part(g, block), _part(x_hat, block)
+            torch.mul(gb, hb, out=_part(prod, block))
+            sums.append((gb.sum(dims, keepdim=True), _part(prod, block).sum(dims, keepdim=True)))
+        sum_g, sum_gx = ([torch.stack(c) for c in zip(*sums)] if blocks[0] is not None else list(sums[0]))
+        reduce_to_c = tuple(d for d in range(ndim) if d != full_cd)
+        grad_w = grad_b = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            if spec.kind == "osr":
+                first = sum_gx if spec.gamma_grad == "official" else sum_gx * ratio
+                grad_w = (first + sum_g * shift).sum(reduce_to_c)
+            else:
+                grad_w = sum_gx.sum(reduce_to_c)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = sum_g.sum(reduce_to_c)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if spec.synchronized:
+                both = torch.cat([sum_g, sum_gx], dim=full_cd)
+                dist.all_reduce(both, group=spec.group)
+                sum_g, sum_gx = both.split(sum_g.shape[full_cd], dim=full_cd)
+            n = spec.count
+            scale = invstd
+            if weight is not None:
+                scale = scale * _channel_view(weight.to(scale.dtype), ndim, full_cd)
+            if ratio is not None:
+                scale = scale * ratio
+            # a / std * (g - sum(g)/n - x_hat sum(g x_hat)/n) = g * c1 + c2 + x_hat * c3, in prod's buffer
+            c2, c3 = scale * sum_g / -n, scale * sum_gx / -n
+            for block in blocks:
+                out = _part(prod, block)
+                torch.addcmul(_part(c2, block), _part(g, block), _part(scale, block), out=out)
+                out.addcmul_(_part(x_hat, block), _part(c3, block))
+            grad_x = prod if prod.dtype == grad.dtype else prod.to(grad.dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+def per_step_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: NormSpec) -> Tensor:
+    """Per-step batch normalization of ``x`` in training, one autograd node (:class:`_PerStepNorm`).
+
+    ``spec`` says over which dimensions, which variant (vanilla BN or OSR) and across which
+    processes; it holds the batch statistics afterwards (:class:`NormSpec`)."""
+    return _PerStepNorm.apply(x, weight, bias, spec)
+
+
+# -- the LIF neuron --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LIFSpec:
+    """The neuron's constants: ``decay = 1 - 1/tau``, ``reset`` (``"soft"`` or ``"hard"``), the
+    sigmoid surrogate's ``alpha``, whether the reset term and the membrane path between steps are
+    detached, and the threshold of each step: ``threshold(u, t) -> theta`` (a float or a tensor
+    that broadcasts against ``u``; called without gradient)."""
+
+    decay: float
+    reset: str
+    alpha: float
+    detach_reset: bool
+    detach_membrane: bool
+    threshold: Callable[[Tensor, int], Tensor | float]
+    first_step: int = 0
+
+
+def _surrogate_grad(h: Tensor, alpha: float, grad: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """``grad * alpha * sig(alpha h) * (1 - sig(alpha h))`` (the sigmoid surrogate's derivative,
+    times ``grad`` when given), in ``out`` when given."""
+    sig = torch.mul(h, alpha, out=out).sigmoid_() if out is not None else torch.mul(h, alpha).sigmoid_()
+    if grad is None:
+        return torch.ops.aten.sigmoid_backward.grad_input(sig.new_full((), alpha).expand_as(sig), sig, grad_input=sig)
+    return torch.ops.aten.sigmoid_backward.grad_input(grad, sig, grad_input=sig).mul_(alpha)
+
+
+class _LIFSequence(torch.autograd.Function):
+    """The LIF neuron over ``T >= 1`` steps in one node (paper Eqs. 2-4, docs/method.md section 1).
+
+    Forward, for ``t = 0..T-1`` (``v`` the potential after the previous reset, ``None`` at the
+    start of a sequence)::
+
+        u[t] = decay * v + x[t]                   charge (Eq. 2)
+        theta[t] = threshold(u[t], t)             the point between charge and fire
+        h[t] = u[t] - theta[t];  s[t] = (h[t] >= 0)           fire (Eq. 3)
+        v = u[t] - s[t] * theta[t]  (soft)  |  u[t] * (1 - s[t])  (hard, Eq. 4)
+
+    Returns ``s`` ``[T, ...]`` and the last ``v``; saves ``h`` ``[T, ...]`` only. Backward, in
+    reverse, with ``sg[t] = alpha sig(alpha h[t]) (1 - sig(alpha h[t]))`` and ``dv`` the gradient
+    reaching ``v`` after step ``t``::
+
+        du[t] = ds[t] * sg[t] + dv * dv/du[t]      dv/du = 1 (soft, detached reset) | 1 - s[t] (hard,
+                                                   detached) | 1 - theta[t] sg[t] (soft) |
+                                                   1 - s[t] - u[t] sg[t] (hard)
+        dx[t] = du[t];   gradient of v before step t = decay * du[t]   (0 if the membrane is detached)
+
+    ``theta`` carries no gradient here: a threshold policy whose ``theta`` needs one runs the
+    neuron's unfused path.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, v: Tensor | None, spec: LIFSpec) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        T = x.shape[0]
+        s = torch.empty_like(x)
+        h = torch.empty_like(x)
+        thetas: list[Tensor | float] = []
+        for t in range(T):
+            if v is None:
+                u = x[t]
+            else:
+                u = torch.add(x[t], v, alpha=spec.decay)  # Eq. 2
+            theta = spec.threshold(u, spec.first_step + t)
+            thetas.append(theta)
+            torch.sub(u, theta, out=h[t])
+            torch.ge(h[t], 0, out=s[t])  # Eq. 3
+            if spec.reset == "soft":
+                v = torch.sub(u, s[t], alpha=theta) if isinstance(theta, (int, float)) else torch.addcmul(u, s[t], theta, value=-1)
+            else:
+                v = torch.addcmul(u, u, s[t], value=-1)  # Eq. 4: u * (1 - s)
+        ctx.save_for_backward(h)
+        ctx.spec, ctx.thetas = spec, thetas
+        ctx.set_materialize_grads(False)  # an unused potential or spike output costs no zero tensor
+        return s, v
+
+    @staticmethod
+    def backward(ctx, grad_s: Tensor | None, grad_v: Tensor | None) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        (h,) = ctx.saved_tensors
+        spec: LIFSpec = ctx.spec
+        T = h.shape[0]
+        grad_x = torch.empty_like(h)
+        dv = grad_v
+        for t in reversed(range(T)):
+            du = grad_x[t]
+            if grad_s is not None:
+                _surrogate_grad(h[t], spec.alpha, grad_s[t], out=du)  # ds * sg
+            else:
+                du.zero_()
+            if dv is not None:
+                if spec.reset == "soft":
+                    if spec.detach_reset:
+                        du.add_(dv)
+                    else:  # dv * (1 - theta sg)
+                        du.add_(dv).sub_(_surrogate_grad(h[t], spec.alpha, dv) * ctx.thetas[t])
+                else:
+                    spk = h[t] >= 0
+                    if spec.detach_reset:  # dv * (1 - s)
+                        du.add_(dv.masked_fill(spk, 0))
+                    else:  # dv * (1 - s - u sg), u = h + theta
+                        du.add_(dv.masked_fill(spk, 0)).sub_(_surrogate_grad(h[t], spec.alpha, dv) * (h[t] + ctx.thetas[t]))
+            dv = None if spec.detach_membrane else du * spec.decay
+        grad_v0 = dv if ctx.needs_input_grad[1] else None
+        return grad_x, grad_v0, None
+
+
+def _lif_inference(x: Tensor, v: Tensor | None, spec: LIFSpec) -> tuple[Tensor, Tensor]:
+    """The forward of :class:`_LIFSequence` without anything kept for a backward."""
+    s = torch.empty_like(x)
+    for t in range(x.shape[0]):
+        u = x[t] if v is None else torch.add(x[t], v, alpha=spec.decay)
+        theta = spec.threshold(u, spec.first_step + t)
+        if isinstance(theta, (int, float)) and x.dtype in (torch.float32, torch.float64):
+            torch.ge(u, theta, out=s[t])  # u >= theta <=> u - theta >= 0 (exact in IEEE arithmetic)
+        else:
+            torch.ge(u - theta, 0, out=s[t])
+        if spec.reset == "soft":
+            v = torch.sub(u, s[t], alpha=theta) if isinstance(theta, (int, float)) else torch.addcmul(u, s[t], theta, value=-1)
+        else:
+            v = torch.addcmul(u, u, s[t], value=-1)
+    return s, v
+
+
+def lif_sequence(x: Tensor, v: Tensor | None, spec: LIFSpec) -> tuple[Tensor, Tensor]:
+    """Run the LIF neuron over ``x`` ``[T, ...]`` from the potential ``v`` (``None``: a new
+    sequence) in one autograd node (:class:`_LIFSequence`); returns the spikes ``[T, ...]`` and
+    the potential after the last step. Without gradient recording (evaluation) nothing is saved."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or (v is not None and v.requires_grad)):
+        return _lif_inference(x, v, spec)
+    return _LIFSequence.apply(x, v, spec)
+
+
+# -- average pooling -------------------------------------------------------------------------------
+
+
+class _AvgPool(torch.autograd.Function):
+    """``k x k`` average pooling with stride ``k`` over the last two dimensions (floor mode, no
+    padding): ``y[i, j] = (1/k^2) sum_{a,b < k} x[k i + a, k j + b]``, summed from strided slices.
+    Backward: each input position gets ``dy / k^2`` of its window (0 for rows and columns beyond
+    the last full window). Saves nothing: only the input's shape."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, k: int) -> Tensor:  # type: ignore[override]
+        H, W = x.shape[-2:]
+        ho, wo = H // k, W // k
+        ctx.shape, ctx.k = x.shape, k
+        y = None
+        for a in range(k):
+            for b in range(k):
+                part = x[..., a : a + k * ho : k, b : b + k * wo : k]
+                y = part.clone() if y is None else y.add_(part)
+        return y.mul_(1.0 / (k * k))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        k, shape = ctx.k, ctx.shape
+        ho, wo = grad.shape[-2:]
+        share = grad * (1.0 / (k * k))
+        H, W = shape[-2:]
+        # k^2 strided copies (about twice as fast on CPU as one broadcast copy into a 6-d view)
+        out = grad.new_empty(shape) if (H, W) == (ho * k, wo * k) else grad.new_zeros(shape)
+        for a in range(k):
+            for b in range(k):
+                out[..., a : a + k * ho : k, b : b + k * wo : k].copy_(share)
+        return out, None
+
+
+def avg_pool(x: Tensor, k: int) -> Tensor:
+    """``k x k`` average pooling with stride ``k`` that saves nothing for backward (:class:`_AvgPool`)."""
+    return _AvgPool.apply(x, k)

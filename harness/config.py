@@ -75,9 +75,10 @@ class CellConfig:
     num_workers: int = 0  # DataLoader workers
     max_train_batches: int | None = None  # stop each training epoch after this many batches (memory/speed cells)
     max_eval_batches: int | None = None  # evaluate on this many test batches only
-    # What is measured, not what is trained: these two do not enter the cell id.
+    # What is measured, not what is trained: these three do not enter the cell id.
     meters: tuple[Literal["firing_rate", "memory", "synops"], ...] = ("firing_rate", "memory", "synops")
     membrane_histograms: bool = False  # after training: histograms of u[t] per layer and step (Fig. 3)
+    synops_epochs: Literal["last", "every"] = "last"  # SynOps at the last epoch's evaluation only, or at every one
     optimizer: OptimizerConfig = OptimizerConfig()
     lr_schedule: ScheduleConfig = ScheduleConfig()
     neuron: NeuronConfig = NeuronConfig()
@@ -106,7 +107,7 @@ def flatten(config: CellConfig) -> dict[str, Any]:
 
 # Keys that choose what is observed, not what is trained: the same cell with other meters is
 # the same cell.
-OBSERVATION_KEYS = ("meters", "membrane_histograms")
+OBSERVATION_KEYS = ("meters", "membrane_histograms", "synops_epochs")
 
 
 # Settings added after cell ids were first published, with the value every earlier cell ran

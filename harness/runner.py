@@ -467,6 +467,7 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
                 if not math.isfinite(train["train_loss"]):  # the union batch's loss: the same verdict everywhere
                     raise DivergedError(f"diverged at epoch {epoch}: training loss is {train['train_loss']}")
                 module_metrics = collect_epoch_metrics(model)  # e.g. OSR's fallback rate, from training steps
+                meters.count_synops = cfg.synops_epochs == "every" or epoch == cfg.epochs  # counting costs a third of an evaluation
                 test = _run_epoch(cell, "test", test_loader, num_test, device, data.temporal, hook, meters, autocast,
                                   lambda x, y: trainer.eval_batch(model, x, y, loss_fn))
                 if scheduler is not None:

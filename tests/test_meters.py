@@ -309,3 +309,19 @@ def test_a_time_steps_axis_gives_the_memory_plot_and_online_over_bptt_ratios(wri
     assert ratios[4] < ratios[2] < 1
     assert is_png(results / "mem" / "plots" / "memory_vs_time_steps.png")
     assert not any("firing_rate" in k for k in rows[0])  # only the memory meter was on
+
+
+def test_synops_are_counted_at_the_last_epoch_by_default_and_at_every_one_on_request(registry):
+    def epochs(**kw):
+        hook = Recorder()
+        result = run_cell(_cell(epochs=2, max_train_batches=2, max_eval_batches=2, **kw), registry, hook)
+        assert result.status == "finished", result.error
+        return [kw["metrics"] for n, kw in hook.calls if n == "on_epoch_end"], result
+
+    last, a = epochs()
+    every, b = epochs(synops_epochs="every")
+    assert [("synops" in m) for m in last] == [False, True]
+    assert [("synops" in m) for m in every] == [True, True]
+    assert every[1]["synops"] == last[1]["synops"] > 0  # the reported (final) count does not change
+    assert a.metrics["synops"] == b.metrics["synops"] and a.metrics["test_top1"] == b.metrics["test_top1"]
+    assert cell_id(_cell(synops_epochs="every").config) == cell_id(_cell().config)

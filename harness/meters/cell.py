@@ -1,7 +1,9 @@
 """The meters of one cell, driven by the runner phase by phase (train, test).
 
 Which meters run is the cell's ``meters`` setting (``"firing_rate"``, ``"memory"``,
-``"synops"``); speed (samples per second, seconds per iteration, data-loading time) is always
+``"synops"``); SynOps are counted in the evaluation phases while :attr:`CellMeters.count_synops`
+is true (the runner sets it for the last epoch's evaluation, or for every one with
+``synops_epochs = "every"``: counting costs about a third of an evaluation); speed (samples per second, seconds per iteration, data-loading time) is always
 measured -- it costs two clock reads per batch.
 """
 
@@ -45,6 +47,8 @@ class CellMeters:
             from harness.meters.synops import SynOpsMeter
 
             self.synops = SynOpsMeter(model)
+        self.count_synops = True  # whether the next evaluation phase counts synaptic operations
+        self._counting = False
         self._phase = ""
         self._start = 0.0
         self._data_s = 0.0
@@ -57,7 +61,8 @@ class CellMeters:
             self.firing.attach()
         if self.saved is not None:
             self.saved.reset()
-        if self.synops is not None and phase != "train":  # operations are counted at inference
+        self._counting = self.synops is not None and phase != "train" and self.count_synops
+        if self._counting:  # operations are counted at inference
             self.synops.reset()
             self.synops.attach()
         self._start = time.perf_counter()
@@ -90,9 +95,10 @@ class CellMeters:
         if self.firing is not None:
             self.firing.detach()
             out.update(self.firing.metrics(phase))
-        if self.synops is not None and phase != "train":
+        if self._counting:
             self.synops.detach()
             out.update(self.synops.metrics(max(samples, 1)))
+            self._counting = False
         if self.saved is not None and phase == "train":
             out["train_saved_bytes_peak"] = float(self.saved.max_peak_bytes)
             if self.device.type == "cuda":

@@ -70,6 +70,7 @@ class CellConfig:
     precision: Literal["float32", "bfloat16"] = "float32"  # bfloat16: trainer steps under torch.autocast (statistics stay float32)
     deterministic: bool = False  # GPU: deterministic algorithms, no TF32, no cuDNN autotuner (bit-identical reruns, slower)
     cudnn_benchmark: bool = True  # GPU: let cuDNN pick the fastest convolution algorithms (off when deterministic)
+    compile: bool = False  # run the model under torch.compile (other floating-point order: part of the cell id when true)
     train_subset: int | None = None  # train on this many samples (a fixed random subset); test set always whole
     eval_batch_size: int | None = None  # defaults to batch_size
     num_workers: int = 0  # DataLoader workers
@@ -113,7 +114,7 @@ OBSERVATION_KEYS = ("meters", "membrane_histograms", "synops_epochs")
 # Settings added after cell ids were first published, with the value every earlier cell ran
 # with: hashed only when set to something else, so that adding a setting leaves the ids of the
 # cells that do not use it (and so their finished runs and checkpoints) as they were.
-LATER_KEYS: dict[str, Any] = {"precision": "float32", "deterministic": False, "cudnn_benchmark": True}
+LATER_KEYS: dict[str, Any] = {"precision": "float32", "deterministic": False, "cudnn_benchmark": True, "compile": False}
 
 
 def _hashed(config: CellConfig, leave_out: tuple[str, ...] = ()) -> str:

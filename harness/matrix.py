@@ -15,7 +15,7 @@ Schema (every key is checked; errors name the file, the section, the key and wha
     batch_size = 64
     time_steps = 4
     device = "auto"                 # "cpu", "cuda", "cuda:1"; precision = "float32" | "bfloat16";
-                                    # deterministic = false; cudnn_benchmark = true
+                                    # deterministic = false; cudnn_benchmark = true; compile = false
     [defaults.optimizer]            # name, lr, momentum, weight_decay, nesterov, betas
     [defaults.lr_schedule]          # name = "cosine" | "constant" | "step", ...
     [defaults.neuron]               # tau, reset, surrogate_alpha, detach_reset

@@ -327,6 +327,8 @@ def _seed_process(seed: int, rank: int, generator: torch.Generator, epoch: int =
 def _build(cfg: CellConfig, registry: Registry, data: DatasetBundle, device: torch.device, generator: torch.Generator) -> _Parts:
     par = parallel.current()
     model = build_model(cfg, registry, data).to(device)
+    if cfg.compile:  # in place: the module, its state dict and its hooks stay what they were
+        model.compile(dynamic=False)
     trainer = registry.trainers[cfg.trainer.name](**cfg.trainer.options)
     loss_fn = registry.losses[cfg.loss.name](**cfg.loss.options)
     optimizer = build_optimizer(model.parameters(), cfg.optimizer)

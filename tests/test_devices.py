@@ -154,8 +154,28 @@ def test_the_new_settings_are_params_but_leave_existing_cell_ids_unchanged():
     assert (cell_id(cfg), config_id(cfg)) == ("ae5d63c68437", "a790269a1778")
     flat = flatten(cfg)
     assert (flat["precision"], flat["deterministic"], flat["cudnn_benchmark"]) == ("float32", False, True)  # logged
-    for change in ({"deterministic": True}, {"precision": "bfloat16"}, {"cudnn_benchmark": False}):
+    assert flat["compile"] is False
+    for change in ({"deterministic": True}, {"precision": "bfloat16"}, {"cudnn_benchmark": False}, {"compile": True}):
         assert cell_id(dataclasses.replace(cfg, **change)) != cell_id(cfg), change  # they change results: new cells
+
+
+def test_a_compiled_cell_compiles_its_model_in_place_and_trains(registry, monkeypatch):
+    from cell_support import Recorder
+    from harness.runner import run_cell
+
+    compiled = []
+    real = torch.nn.Module.compile
+
+    def compile_quickly(self, *args, **kwargs):  # the eager backend: the same wiring, without minutes of C++
+        compiled.append((type(self).__name__, kwargs))
+        return real(self, backend="eager", dynamic=kwargs.get("dynamic"))
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_quickly)
+    plain = run_cell(tiny_cell(0, max_train_batches=2, max_eval_batches=1), registry, Recorder())
+    result = run_cell(tiny_cell(0, max_train_batches=2, max_eval_batches=1, compile=True), registry, Recorder())
+    assert result.status == "finished", result.error
+    assert compiled == [("SpikingSequential", {"dynamic": False})]
+    torch.testing.assert_close(result.metrics["train_loss"], plain.metrics["train_loss"], rtol=1e-5, atol=1e-6)
 
 
 def test_a_deterministic_cell_runs_with_deterministic_algorithms(registry):

@@ -102,7 +102,7 @@ def test_outputs_exist_and_stdout_is_the_markdown(tiny_run):
     assert "| method | T | s/iter | x ANN limit | x channels-last ANN |" in md
     assert "Machine:" in md and "torch threads 1" in md and "--batch-size 4" in md and "thread clock" in md
     rows = list(csv.DictReader((out / "speed.csv").open()))
-    expected = [m for m in speed.METHODS if m != "ann_compiled"]
+    expected = [m for m in speed.METHODS if m not in speed.COMPILED]
     assert [r["method"] for r in rows] == expected and {r["T"] for r in rows} == {"2"}
 
 

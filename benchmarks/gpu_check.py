@@ -24,6 +24,11 @@ passes. Each check runs the real training loop (``harness.runner.run_cell``, no 
   autotuner, TF32) is reported for comparison.
 * ``autocast``: cells with ``precision = "bfloat16"`` train and evaluate to finite losses; every
   normalizer and OTS under float16 autocast keep float32, finite buffers.
+* ``speed``: ``benchmarks/speed.py`` at the default model (``vgg_small`` 16-32-64, Fashion-MNIST
+  shape, batch 64) and at VGGSNN on CIFAR-shaped synthetic data (batch 128), T = 4: the
+  harness's trainers against SpikingJelly's (when it is installed) and the ANN limit, interleaved
+  rounds, wall time; its tables land in ``<out>/speed-vgg_small/`` and ``<out>/speed-vggsnn/``.
+  The ``memory`` check gives ``train_cuda_peak_bytes`` at T = 2 and 30.
 * ``device_choice``: two data-parallel processes on a one-GPU machine: process 0 takes cuda:0,
   process 1 is refused with what to do, and a ``device = "cpu"`` cell runs on both processes over
   the same process group (gloo for CPU tensors beside NCCL).
@@ -344,6 +349,41 @@ def check_device_choice(ctx: Context, tmp: Path) -> dict[str, Any]:
     return out
 
 
+def check_speed(ctx: Context) -> dict[str, Any]:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("speed_benchmark", Path(__file__).with_name("speed.py"))
+    speed = importlib.util.module_from_spec(spec)
+    sys.modules["speed_benchmark"] = speed
+    spec.loader.exec_module(speed)  # type: ignore[union-attr]
+    try:
+        import spikingjelly  # noqa: F401
+
+        sj: list[str] = []
+    except ImportError:
+        sj = ["--no-sj"]
+    if ctx.quick:  # the dry run: the same code on tiny shapes
+        runs = {"vgg_small": ["-b", "4", "--channels", "4", "8"], "vggsnn": ["--model", "vggsnn", "-b", "2", "--input", "3", "8", "8"]}
+        common = ["-T", "2", "--rounds", "1", "--iterations", "1", "--warmup", "0", "--no-eval"]
+    else:
+        runs = {"vgg_small": ["-b", "64"], "vggsnn": ["--model", "vggsnn", "-b", "128", "--input", "3", "32", "32"]}
+        common = ["-T", "4", "--rounds", "5", "--iterations", "3", "--warmup", "3"]
+    detail: dict[str, Any] = {"spikingjelly": not sj}
+    ok = True
+    for label, extra in runs.items():
+        out = ctx.out / f"speed-{label}"
+        rc = speed.main([*common, *extra, *sj, "--device", ctx.device, "--threads", "0", "--no-run-overhead", "--out", str(out)])
+        result = json.loads((out / "speed.json").read_text())
+        ok = ok and rc == 0
+        detail[label] = {
+            "x_ann": {f"{r['method']} T={r['T']}": round(r["ratio_to_ann"]["median"], 3) for r in result["rows"] if "ratio_to_ann" in r},
+            "s_per_iter": {f"{r['method']} T={r['T']}": r[result["config"]["clock"]]["median"] for r in result["rows"]},
+            "targets": [f"{t['target']} (T={t['T']}): {t['measured']} {'met' if t['met'] else 'NOT met'}" for t in result["targets"]],
+        }
+    detail["ok"] = ok
+    return detail
+
+
 CHECKS: list[tuple[str, Callable[..., dict[str, Any]], bool]] = [  # name, function, takes a scratch directory
     ("environment", check_environment, False),
     ("host_syncs", check_host_syncs, False),
@@ -352,6 +392,7 @@ CHECKS: list[tuple[str, Callable[..., dict[str, Any]], bool]] = [  # name, funct
     ("memory", check_memory, False),
     ("same_seed", check_same_seed, False),
     ("autocast", check_autocast, False),
+    ("speed", check_speed, False),
     ("device_choice", check_device_choice, True),
 ]
 

@@ -39,12 +39,15 @@ def test_the_dry_run_passes_every_check_without_mlflow_or_tonic(tmp_path, withou
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu-check.json").read_text())
     names = [c["name"] for c in report["checks"]]
-    assert names == ["environment", "host_syncs", "resume", "cpu_parity", "memory", "same_seed", "autocast", "device_choice"]
+    assert names == ["environment", "host_syncs", "resume", "cpu_parity", "memory", "same_seed", "autocast", "speed", "device_choice"]
     assert {c["name"]: c["status"] for c in report["checks"]} == dict.fromkeys(names, "PASS")
     resume = next(c for c in report["checks"] if c["name"] == "resume")["detail"]["cells"]
     assert all(cell["abs_diff"]["test_loss"] == 0 for cell in resume.values())
     md = (tmp_path / "gpu-check.md").read_text()
-    assert "| resume | PASS |" in md and "**PASS**: 8 of 8 checks passed." in md
+    assert "| resume | PASS |" in md and "**PASS**: 9 of 9 checks passed." in md
+    speed = next(c for c in report["checks"] if c["name"] == "speed")["detail"]
+    assert speed["vgg_small"]["x_ann"]["bptt T=2"] > 0 and speed["vggsnn"]["x_ann"]["online T=2"] > 0
+    assert (tmp_path / "speed-vggsnn" / "speed.md").is_file()
 
 
 @pytest.mark.slow

@@ -34,7 +34,8 @@ class OnlineThresholdStabilizer(ThresholdPolicy):
 
     The membrane potential of a layer at step ``t`` (after charging, before firing) is taken as
     Gaussian with layer-wide scalar mean ``mu[t]`` and standard deviation ``sigma[t]`` (over all
-    neurons and the batch, computed without gradient; ``torch.std`` as in the official code).
+    neurons and the batch, computed without gradient; the unbiased standard deviation, ``torch.std``,
+    as in the official code).
     The firing quantile is kept constant across the steps of a sequence::
 
         theta[1] = theta,   r = (theta - mu[1]) / sigma[1],   theta[t] = mu[t] + sigma[t] * r
@@ -111,9 +112,13 @@ class OnlineThresholdStabilizer(ThresholdPolicy):
         if is_synchronized(self.training):  # DDP: statistics of the union batch, same theta everywhere
             mu, var, n = synced_moments(u, tuple(range(u.ndim)), keepdim=False)
             sigma = torch.sqrt(var * (n / (n - 1).clamp_min(1))).clamp_min(self.min_std)  # unbiased, as torch.std
-        else:
+        else:  # two passes, as torch.std computes it but several times cheaper on the CPU
             mu = u.mean()
-            sigma = u.std().clamp_min(self.min_std) if u.numel() > 1 else torch.full_like(mu, self.min_std)
+            if u.numel() > 1:
+                d = u - mu
+                sigma = (d.mul_(d).sum() / (u.numel() - 1)).sqrt().clamp_min(self.min_std)  # unbiased, as torch.std
+            else:
+                sigma = torch.full_like(mu, self.min_std)
         if t == 0 or self._r is None:
             self._r = (self.theta - mu) / sigma  # the quantile of theta[1] = theta
             theta = torch.full_like(mu, self.theta)  # made on the device: no copy from the host

@@ -332,3 +332,14 @@ def test_lif_without_gradient_gives_the_same_spikes(reset, policy):
         outs.append(s.detach())
     assert torch.equal(outs[0], outs[1])
     assert 0 < float(outs[0].mean()) < 1
+
+
+def test_ots_two_pass_statistics_equal_torch_std_in_float64():
+    ots = OnlineThresholdStabilizer(1.0).double().train()
+    ots.time_steps = 3
+    ots.begin_sequence(3)
+    us = [torch.randn(8, C, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(t)) * (1 + t) + t for t in range(3)]
+    thetas = [ots(u, t) for t, u in enumerate(us)]
+    r = (1.0 - us[0].mean()) / us[0].std()
+    for t, u in enumerate(us[1:], 1):
+        _close(thetas[t], u.mean() + u.std() * r)  # Eq. 16 with torch.std, the official statistic

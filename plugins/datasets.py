@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -99,11 +101,17 @@ def _copy_idx_files(src: Path, raw: Path) -> bool:
             return False
     raw.mkdir(parents=True, exist_ok=True)
     for name, path in sources.items():
-        tmp = raw / f".{name}.partial"
+        # A file of its own per copy: cells that start at once (processes or threads) do not collide,
+        # and each rename puts a whole file in place.
+        fd, tmp_name = tempfile.mkstemp(dir=raw, prefix=f".{name}.", suffix=".partial")
+        tmp = Path(tmp_name)
         opener = gzip.open if path.suffix == ".gz" else open
-        with opener(path, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout)
-        tmp.replace(raw / name)
+        try:
+            with opener(path, "rb") as fin, os.fdopen(fd, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+            tmp.replace(raw / name)
+        finally:
+            tmp.unlink(missing_ok=True)
     return True
 
 

@@ -56,6 +56,22 @@ def test_fashion_mnist_from_a_system_directory_of_gzipped_idx_files(tmp_path):
     assert torch.equal(again.test[4][0], bundle.test[4][0])
 
 
+def test_cells_that_copy_fashion_mnist_at_once_do_not_collide(tmp_path):
+    # Two cells starting together (parallel executors) both find the files missing under root and
+    # copy them from the system directory at the same moment.
+    from concurrent.futures import ThreadPoolExecutor
+
+    system = tmp_path / "usr-share"
+    arrays = _fake_fashion_mnist(system, n_train=300)
+    root = str(tmp_path / "data")
+    with ThreadPoolExecutor(4) as pool:
+        bundles = list(pool.map(lambda _: fashion_mnist(root=root, search_dirs=[str(system)], download=False), range(4)))
+    for b in bundles:
+        assert len(b.train) == 300 and b.train[299][1].item() == arrays["train-labels-idx1-ubyte"][299]
+    raw = tmp_path / "data" / "FashionMNIST" / "raw"
+    assert not list(raw.glob(".*partial"))  # no half-written file left behind
+
+
 def test_fashion_mnist_from_uncompressed_files_in_root(tmp_path):
     _fake_fashion_mnist(tmp_path / "FashionMNIST" / "raw", gz=False, n_train=7)
     bundle = fashion_mnist(root=str(tmp_path), search_dirs=[], download=False)

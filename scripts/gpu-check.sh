@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-shot check of the CUDA path (benchmarks/gpu_check.py): device placement, host syncs,
-# resume, CPU parity, memory against T, determinism, autocast, the device of each process.
+# resume, CPU parity, memory against T, determinism, autocast, speed against SpikingJelly and the
+# ANN limit, the device of each process.
 #
 #   scripts/gpu-check.sh [--device cuda|cpu] [--out DIR] [--only CHECK] [--wheels DIR]
 #

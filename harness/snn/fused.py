@@ -71,10 +71,9 @@ def _channel_view(t: Tensor, ndim: int, channel_dim: int) -> Tensor:
     return t.view(shape)
 
 
-def batch_moments(xs: Tensor, spec: NormSpec, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, int | Tensor]:
+def batch_moments(xs: Tensor, spec: NormSpec) -> tuple[Tensor, Tensor, Tensor, int | Tensor]:
     """``(mean, var, x - mean, count)`` over ``spec.dims``: two-pass means (exact, and much cheaper
-    than ``torch.var_mean`` on CPU); under a process group the union statistics (Chan's combination).
-    ``out``: a buffer like ``xs`` for the squared deviations (its contents are overwritten)."""
+    than ``torch.var_mean`` on CPU); under a process group the union statistics (Chan's combination)."""
     if spec.synchronized:
         from harness.snn.distributed import synced_moments
 
@@ -82,7 +81,7 @@ def batch_moments(xs: Tensor, spec: NormSpec, out: Tensor | None = None) -> tupl
         return mean, var, xs - mean, count
     mean = xs.mean(spec.dims, keepdim=True)
     xc = xs - mean
-    var = torch.mul(xc, xc, out=out).mean(spec.dims, keepdim=True) if out is not None else torch.mul(xc, xc).mean(spec.dims, keepdim=True)
+    var = torch.mul(xc, xc).mean(spec.dims, keepdim=True)
     return mean, var, xc, math.prod(xs.shape[d] for d in spec.dims)
 
 

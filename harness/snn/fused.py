@@ -2,8 +2,8 @@
 
 Each Function computes its forward from a few large elementwise passes and its backward by the
 closed formula, saving at most one full-size tensor: per-step batch normalization
-(:func:`per_step_norm`: vanilla BN, OSR, BNTT) saves the normalized input ``x_hat``; the LIF neuron
-(:func:`lif_sequence`) saves ``h[t] = u[t] - theta[t]``; average pooling (:func:`avg_pool`) saves
+(:func:`per_step_norm`: vanilla BN, OSR, BNTT) saves the centred input ``x - mu``; the LIF neuron
+(:func:`lif_sequence`) saves the potentials ``u[t]``; average pooling (:func:`avg_pool`) saves
 nothing. The same numbers as the elementwise compositions they replace (up to floating-point
 order), which the tests keep as the reference (docs/method.md section 9).
 
@@ -118,9 +118,9 @@ class _PerStepNorm(torch.autograd.Function):
     """``y = a * x_hat + b`` with ``x_hat = (x - mu) / sqrt(var + eps)`` (per step, per channel),
     ``a = gamma * ratio``, ``b = gamma * shift + beta`` (BN: ``ratio = 1, shift = 0``).
 
-    Forward: two reductions (mean, then the centred second moment) and three elementwise passes,
-    step by step on a whole sequence. Saves ``x_hat`` (float32 for a 16-bit ``x``) and per-channel
-    vectors. Backward, with ``g = dL/dy`` and ``n`` elements per statistic (the BN formula with the
+    Forward: two reductions (mean, then the centred second moment) and three elementwise passes
+    (centre, square, ``y = (x - mu) * (a / std) + b``), step by step on a whole sequence. Saves the
+    centred input ``x - mu`` (float32 for a 16-bit ``x``) and per-channel vectors. Backward, with ``g = dL/dy`` and ``n`` elements per statistic (the BN formula with the
     effective scale ``a``; Eqs. 10-12 for OSR, where ``a / sqrt(var + eps) = gamma /
     sqrt(run_var + eps)``)::
 
@@ -137,12 +137,12 @@ class _PerStepNorm(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: NormSpec) -> Tensor:  # type: ignore[override]
         xs = x.float() if x.dtype in _HALF else x
         blocks, dims, cd = _blocks(xs, spec)
-        x_hat = torch.empty_like(xs)
+        centred = torch.empty_like(xs)  # x - mu: what the backward needs (x_hat = centred / std)
         y = torch.empty_like(xs)  # the squared deviations, then the output
         stats: list[tuple[Tensor, ...]] = []
         count: int | Tensor = 0
         for block in blocks:
-            xb, hb, yb = _part(xs, block), _part(x_hat, block), _part(y, block)
+            xb, hb, yb = _part(xs, block), _part(centred, block), _part(y, block)
             ndim = xb.ndim
             if spec.synchronized:
                 from harness.snn.distributed import synced_moments
@@ -155,7 +155,6 @@ class _PerStepNorm(torch.autograd.Function):
                 var = torch.mul(hb, hb, out=yb).mean(dims, keepdim=True)
                 count = math.prod(xb.shape[d] for d in dims)
             invstd = torch.rsqrt(var + spec.eps)
-            hb.mul_(invstd)
             w = _channel_view(weight, ndim, cd) if weight is not None else None
             if spec.kind == "osr":
                 sub_spec = spec if block is None else NormSpec(
@@ -166,39 +165,39 @@ class _PerStepNorm(torch.autograd.Function):
                 b = shift if w is None else w * shift
                 if bias is not None:
                     b = b + _channel_view(bias, ndim, cd)
-                torch.addcmul(b, hb, a, out=yb)
+                torch.addcmul(b, hb, a * invstd, out=yb)  # a * x_hat + b
                 stats.append((mean, var, invstd, ratio, shift, fallback))
             else:
-                if w is None:
-                    yb.copy_(hb)
-                elif bias is None:
-                    torch.mul(hb, w, out=yb)
+                scale = invstd if w is None else w * invstd
+                if bias is None:
+                    torch.mul(hb, scale, out=yb)
                 else:
-                    torch.addcmul(_channel_view(bias, ndim, cd), hb, w, out=yb)
+                    torch.addcmul(_channel_view(bias, ndim, cd), hb, scale, out=yb)
                 stats.append((mean, var, invstd))
         # Per-step statistics with the singleton dimensions of the whole tensor ([T, 1, C, 1, ...]).
         joined = [torch.stack(col) if blocks[0] is not None else col[0] for col in zip(*stats)]
         mean, var, invstd = joined[:3]
         ratio, shift, fallback = joined[3:] if spec.kind == "osr" else (None, None, None)
         spec.mean, spec.var, spec.count, spec.fallback = mean, var, count, fallback
-        ctx.save_for_backward(x_hat, invstd, weight, ratio, shift)
+        ctx.save_for_backward(centred, invstd, weight, ratio, shift)
         ctx.spec, ctx.has_bias = spec, bias is not None
         return y.to(x.dtype) if y.dtype != x.dtype else y
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:  # type: ignore[override]
-        x_hat, invstd, weight, ratio, shift = ctx.saved_tensors
+        centred, invstd, weight, ratio, shift = ctx.saved_tensors
         spec: NormSpec = ctx.spec
-        g = grad.to(x_hat.dtype) if grad.dtype != x_hat.dtype else grad
-        blocks, dims, cd = _blocks(x_hat, spec)
-        full_cd, ndim = spec.channel_dim, x_hat.ndim
-        prod = torch.empty_like(x_hat)  # g * x_hat, then the input's gradient
+        g = grad.to(centred.dtype) if grad.dtype != centred.dtype else grad
+        blocks, dims, cd = _blocks(centred, spec)
+        full_cd, ndim = spec.channel_dim, centred.ndim
+        prod = torch.empty_like(centred)  # g * (x - mu), then the input's gradient
         sums = []
         for block in blocks:
-            gb, hb = _part(g, block), _part(x_hat, block)
+            gb, hb = _part(g, block), _part(centred, block)
             torch.mul(gb, hb, out=_part(prod, block))
             sums.append((gb.sum(dims, keepdim=True), _part(prod, block).sum(dims, keepdim=True)))
-        sum_g, sum_gx = ([torch.stack(c) for c in zip(*sums)] if blocks[0] is not None else list(sums[0]))
+        sum_g, sum_gc = ([torch.stack(c) for c in zip(*sums)] if blocks[0] is not None else list(sums[0]))
+        sum_gx = sum_gc * invstd  # sum(g * x_hat)
         reduce_to_c = tuple(d for d in range(ndim) if d != full_cd)
         grad_w = grad_b = None
         if weight is not None and ctx.needs_input_grad[1]:
@@ -221,12 +220,12 @@ class _PerStepNorm(torch.autograd.Function):
                 scale = scale * _channel_view(weight.to(scale.dtype), ndim, full_cd)
             if ratio is not None:
                 scale = scale * ratio
-            # a / std * (g - sum(g)/n - x_hat sum(g x_hat)/n) = g * c1 + c2 + x_hat * c3, in prod's buffer
-            c2, c3 = scale * sum_g / -n, scale * sum_gx / -n
+            # a / std * (g - sum(g)/n - x_hat sum(g x_hat)/n) = g * c1 + c2 + (x - mu) * c3, in prod's buffer
+            c2, c3 = scale * sum_g / -n, scale * sum_gx * invstd / -n
             for block in blocks:
                 out = _part(prod, block)
                 torch.addcmul(_part(c2, block), _part(g, block), _part(scale, block), out=out)
-                out.addcmul_(_part(x_hat, block), _part(c3, block))
+                out.addcmul_(_part(centred, block), _part(c3, block))
             grad_x = prod if prod.dtype == grad.dtype else prod.to(grad.dtype)
         return grad_x, grad_w, grad_b, None
 
@@ -258,12 +257,20 @@ class LIFSpec:
     first_step: int = 0
 
 
-def _surrogate_grad(h: Tensor, alpha: float, grad: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-    """``grad * alpha * sig(alpha h) * (1 - sig(alpha h))`` (the sigmoid surrogate's derivative,
-    times ``grad`` when given), in ``out`` when given."""
-    sig = torch.mul(h, alpha, out=out).sigmoid_() if out is not None else torch.mul(h, alpha).sigmoid_()
-    if grad is None:
-        return torch.ops.aten.sigmoid_backward.grad_input(sig.new_full((), alpha).expand_as(sig), sig, grad_input=sig)
+def _scaled_h(u: Tensor, theta: Tensor | float, alpha: float, out: Tensor | None = None) -> Tensor:
+    """``alpha * (u - theta)`` in one pass, ``(-alpha theta) + alpha u`` (the constant made on the
+    device: no copy from the host)."""
+    if isinstance(theta, (int, float)):
+        c = torch.full((), -alpha * theta, dtype=u.dtype, device=u.device)
+    else:
+        c = theta * -alpha
+    return torch.add(c, u, alpha=alpha, out=out) if out is not None else torch.add(c, u, alpha=alpha)
+
+
+def _surrogate_grad(scaled: Tensor, alpha: float, grad: Tensor, out: Tensor | None = None) -> Tensor:
+    """``grad * alpha * sig(alpha h) * (1 - sig(alpha h))`` from ``scaled = alpha h`` (the sigmoid
+    surrogate's derivative times ``grad``), in ``out`` when given (which may be ``scaled``)."""
+    sig = scaled.sigmoid_() if out is scaled else (torch.sigmoid(scaled, out=out) if out is not None else torch.sigmoid(scaled))
     return torch.ops.aten.sigmoid_backward.grad_input(grad, sig, grad_input=sig).mul_(alpha)
 
 
@@ -278,7 +285,8 @@ class _LIFSequence(torch.autograd.Function):
         h[t] = u[t] - theta[t];  s[t] = (h[t] >= 0)           fire (Eq. 3)
         v = u[t] - s[t] * theta[t]  (soft)  |  u[t] * (1 - s[t])  (hard, Eq. 4)
 
-    Returns ``s`` ``[T, ...]`` and the last ``v``; saves ``h`` ``[T, ...]`` only. Backward, in
+    Returns ``s`` ``[T, ...]`` and the last ``v``; saves ``u`` ``[T, ...]`` only (``s`` and ``h``
+    follow from it and ``theta``; a lone first step saves its input, which is ``u``). Backward, in
     reverse, with ``sg[t] = alpha sig(alpha h[t]) (1 - sig(alpha h[t]))`` and ``dv`` the gradient
     reaching ``v`` after step ``t``::
 
@@ -295,37 +303,41 @@ class _LIFSequence(torch.autograd.Function):
     def forward(ctx, x: Tensor, v: Tensor | None, spec: LIFSpec) -> tuple[Tensor, Tensor]:  # type: ignore[override]
         T = x.shape[0]
         s = torch.empty_like(x)
-        h = torch.empty_like(x)
+        # The saved potentials u[t]. A single step that starts a sequence saves its input itself
+        # (u = x: nothing to copy, and the input is kept alive for this backward only).
+        u_all = x if (T == 1 and v is None) else torch.empty_like(x)
         thetas: list[Tensor | float] = []
         for t in range(T):
+            u = u_all[t]
             if v is None:
-                u = x[t]
+                if u_all is not x:
+                    u.copy_(x[t])
             else:
-                u = torch.add(x[t], v, alpha=spec.decay)  # Eq. 2
+                torch.add(x[t], v, alpha=spec.decay, out=u)  # Eq. 2
             theta = spec.threshold(u, spec.first_step + t)
             thetas.append(theta)
-            torch.sub(u, theta, out=h[t])
-            torch.ge(h[t], 0, out=s[t])  # Eq. 3
+            torch.ge(u, theta, out=s[t])  # Eq. 3: u >= theta <=> u - theta >= 0, exactly
             if spec.reset == "soft":
                 v = torch.sub(u, s[t], alpha=theta) if isinstance(theta, (int, float)) else torch.addcmul(u, s[t], theta, value=-1)
             else:
                 v = torch.addcmul(u, u, s[t], value=-1)  # Eq. 4: u * (1 - s)
-        ctx.save_for_backward(h)
+        ctx.save_for_backward(u_all)
         ctx.spec, ctx.thetas = spec, thetas
         ctx.set_materialize_grads(False)  # an unused potential or spike output costs no zero tensor
         return s, v
 
     @staticmethod
     def backward(ctx, grad_s: Tensor | None, grad_v: Tensor | None) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
-        (h,) = ctx.saved_tensors
+        (u_all,) = ctx.saved_tensors
         spec: LIFSpec = ctx.spec
-        T = h.shape[0]
-        grad_x = torch.empty_like(h)
+        T = u_all.shape[0]
+        grad_x = torch.empty_like(u_all)
         dv = grad_v
         for t in reversed(range(T)):
-            du = grad_x[t]
+            u, theta, du = u_all[t], ctx.thetas[t], grad_x[t]
+            scaled = _scaled_h(u, theta, spec.alpha, du)  # alpha * h[t] = alpha * (u[t] - theta[t]), in du
             if grad_s is not None:
-                _surrogate_grad(h[t], spec.alpha, grad_s[t], out=du)  # ds * sg
+                _surrogate_grad(scaled, spec.alpha, grad_s[t], out=du)  # ds * sg
             else:
                 du.zero_()
             if dv is not None:
@@ -333,13 +345,13 @@ class _LIFSequence(torch.autograd.Function):
                     if spec.detach_reset:
                         du.add_(dv)
                     else:  # dv * (1 - theta sg)
-                        du.add_(dv).sub_(_surrogate_grad(h[t], spec.alpha, dv) * ctx.thetas[t])
+                        du.add_(dv).sub_(_surrogate_grad(_scaled_h(u, theta, spec.alpha), spec.alpha, dv) * theta)
                 else:
-                    spk = h[t] >= 0
+                    spk = u >= theta
                     if spec.detach_reset:  # dv * (1 - s)
                         du.add_(dv.masked_fill(spk, 0))
-                    else:  # dv * (1 - s - u sg), u = h + theta
-                        du.add_(dv.masked_fill(spk, 0)).sub_(_surrogate_grad(h[t], spec.alpha, dv) * (h[t] + ctx.thetas[t]))
+                    else:  # dv * (1 - s - u sg)
+                        du.add_(dv.masked_fill(spk, 0)).sub_(_surrogate_grad(_scaled_h(u, theta, spec.alpha), spec.alpha, dv) * u)
             dv = None if spec.detach_membrane else du * spec.decay
         grad_v0 = dv if ctx.needs_input_grad[1] else None
         return grad_x, grad_v0, None

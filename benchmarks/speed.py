@@ -337,24 +337,11 @@ def make_bench(setup: Setup, method: str, time_steps: int) -> Bench:
     loss_fn = _loss(setup)
     xs = to_sequence(setup.x, time_steps, temporal=False)  # [T, B, ...], a view
     y = setup.y
-    if method == "folded_ann":  # what BPTT's layers see: one call on [T*B, ...]
+    if method.startswith("ann") or method == "folded_ann":
         model = build_ann(setup)
-        x_folded = xs.flatten(0, 1).contiguous()
-        y_folded = y.repeat(time_steps)
-        opt = _optimizer(model.parameters())
-
-        def folded_step() -> Any:
-            model.train()
-            loss = loss_fn.step(model(x_folded), y_folded)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return loss.detach()
-
-        return Bench(folded_step, model)
-    if method.startswith("ann"):
-        model = build_ann(setup)
-        x = setup.x
+        x, target = setup.x, y
+        if method == "folded_ann":  # what BPTT's layers see: one call on [T*B, ...]
+            x, target = xs.flatten(0, 1).contiguous(), y.repeat(time_steps)
         if method == "ann_cl":
             model = model.to(memory_format=torch.channels_last)
             x = x.contiguous(memory_format=torch.channels_last)
@@ -363,7 +350,7 @@ def make_bench(setup: Setup, method: str, time_steps: int) -> Bench:
 
         def ann_step() -> Any:
             model.train()
-            loss = loss_fn.step(forward(x), y)
+            loss = loss_fn.step(forward(x), target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

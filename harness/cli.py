@@ -170,16 +170,17 @@ def _run_cells(args: argparse.Namespace, argv: list[str], pm: Any, registry: Any
     from harness.executor import EXECUTORS
     from harness.lock import ResultsLock
     from harness.registry import register_observers
-    from harness.session import MatrixRun, check_data, check_tracking, run_matrix
+    from harness.session import MatrixRun, PreloadedData, check_data, check_tracking, run_matrix
 
     with contextlib.ExitStack() as stack:
         error: Exception | None = None
         finished_ids: list[str] = []
+        preloaded = PreloadedData()  # the preflight's data sets, for the cells run in this process
         try:
             if par.is_main:  # one run per results directory: a second one is refused
                 stack.enter_context(ResultsLock(results_dir))
                 check_tracking(tracking_uri)
-            check_data(matrix, registry)
+            check_data(matrix, registry, preloaded)
             if par.is_main:
                 register_observers(pm)  # only process 0 tracks, writes and displays
                 if not args.rerun:
@@ -204,7 +205,7 @@ def _run_cells(args: argparse.Namespace, argv: list[str], pm: Any, registry: Any
                         argv=["harness", *argv], already_finished=finished)
         previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}  # both stop cleanly
         try:
-            return run_matrix(run, registry, pm.hook, EXECUTORS[args.executor]())
+            return run_matrix(run, registry, pm.hook, EXECUTORS[args.executor](), preloaded)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

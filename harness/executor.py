@@ -25,6 +25,8 @@ class Executor(Protocol):
 class SerialExecutor:
     """Runs the cells one by one, in order, in the calling process."""
 
+    in_process = True  # cells may use what this process already loaded (the preflight's data)
+
     def map(self, fn: Callable[[C], R], cells: Iterable[C]) -> Iterator[R]:
         for cell in cells:
             yield fn(cell)

@@ -154,7 +154,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epoch
     raise HarnessError(f"unknown lr schedule {cfg.name!r}; known: constant, cosine, step")
 
 
-def run_cell(cell: Cell, registry: Registry, hook: Any, checkpoint_dir: Path | None = None) -> CellResult:
+def run_cell(cell: Cell, registry: Registry, hook: Any, checkpoint_dir: Path | None = None, preloaded: Any = None) -> CellResult:
     """Train and evaluate one cell. Exceptions become a failed result (the matrix goes on);
     ``KeyboardInterrupt`` marks the cell killed and propagates.
 
@@ -163,6 +163,9 @@ def run_cell(cell: Cell, registry: Registry, hook: Any, checkpoint_dir: Path | N
     an uninterrupted run's on CPU). Once the observers have recorded the end of a finished or
     diverged cell, its checkpoint is removed; a killed cell's, or one that failed otherwise (a
     transient error may not recur), is kept for the next run.
+
+    ``preloaded`` (:class:`harness.session.PreloadedData`): data sets already loaded in this
+    process; the cell takes its own from there instead of loading it again.
 
     Under data parallelism the processes fail a cell together (:class:`Meetings`); an error in
     the middle of a training step, which they cannot agree on, is recorded and then propagates
@@ -174,7 +177,7 @@ def run_cell(cell: Cell, registry: Registry, hook: Any, checkpoint_dir: Path | N
     train_hook = HeldHook(hook) if parallel.current().enabled else hook
     try:
         with devices.backend_settings(cell.config.deterministic, cell.config.cudnn_benchmark):
-            _train(cell, registry, train_hook, result, ckpt)
+            _train(cell, registry, train_hook, result, ckpt, preloaded)
         result.status = "finished"
     except KeyboardInterrupt as exc:
         result.status = "killed"
@@ -407,7 +410,7 @@ def _restore(state: dict[str, Any], parts: _Parts, generator: torch.Generator, c
     return warnings
 
 
-def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: Path | None) -> None:
+def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: Path | None, preloaded: Any = None) -> None:
     cfg = cell.config
     par = parallel.current()
     meet = Meetings(par, hook if isinstance(hook, HeldHook) else None)
@@ -417,7 +420,9 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
         device = resolve_device(cfg.device)
         autocast = devices.autocast(cfg.precision, device)
         generator = seed_everything(cfg.seed)
-        data = load_dataset(cfg, registry)
+        data = preloaded.take(cfg) if preloaded is not None else None
+        if data is None:
+            data = load_dataset(cfg, registry)
         fresh = checkpoint.rng_state(generator)  # where building starts from (again, after a bad checkpoint)
         train_set = train_subset(data.train, cfg.train_subset)
         train_loader, test_loader, sampler = _loaders(cfg, data, train_set, generator, device)

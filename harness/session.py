@@ -49,8 +49,11 @@ def resolve_tracking_uri(results_dir: Path, *, cli: str | None = None, matrix: M
     return "sqlite:///" + str((results_dir / "mlflow.db").resolve())
 
 
-def run_matrix(run: MatrixRun, registry: Registry, hook: Any, executor: Executor | None = None) -> list[Any]:
+def run_matrix(
+    run: MatrixRun, registry: Registry, hook: Any, executor: Executor | None = None, preloaded: PreloadedData | None = None
+) -> list[Any]:
     """Run every runnable cell of ``run.matrix``; returns one result per cell that started.
+    ``preloaded``: the preflight's data sets, used by an executor that runs cells in this process.
 
     ``KeyboardInterrupt`` ends the matrix: ``run.interrupted`` is set, ``on_matrix_end`` still
     fires (with the results so far), and the interrupt propagates.
@@ -62,7 +65,9 @@ def run_matrix(run: MatrixRun, registry: Registry, hook: Any, executor: Executor
     results: list[Any] = []
     hook.on_matrix_start(run=run)
     try:
-        cell_fn = functools.partial(run_cell, registry=registry, hook=hook, checkpoint_dir=run.checkpoint_dir)
+        in_process = getattr(executor, "in_process", False)
+        cell_fn = functools.partial(run_cell, registry=registry, hook=hook, checkpoint_dir=run.checkpoint_dir,
+                                    preloaded=preloaded if in_process else None)
         for result in executor.map(cell_fn, run.matrix.cells):
             results.append(result)
     except KeyboardInterrupt as exc:
@@ -76,9 +81,34 @@ def run_matrix(run: MatrixRun, registry: Registry, hook: Any, executor: Executor
     return results
 
 
-def check_data(matrix: Matrix, registry: Registry) -> None:
+class PreloadedData:
+    """The data sets the preflight loaded, each handed to the first cell of this process that
+    needs it, so that cell does not load it again; later cells load their own (a cell's bundle is
+    its own while it runs). Owned by one run, not shared between processes."""
+
+    def __init__(self) -> None:
+        self._bundles: dict[str, Any] = {}
+
+    @staticmethod
+    def key(config: Any) -> str:
+        ds = config.dataset
+        return f"{ds.name} {sorted(ds.options.items())!r} {config.time_steps}"
+
+    def put(self, config: Any, bundle: Any) -> None:
+        self._bundles[self.key(config)] = bundle
+
+    def take(self, config: Any) -> Any | None:
+        """The bundle loaded for ``config``'s data set, once; ``None`` when there is none (left)."""
+        return self._bundles.pop(self.key(config), None)
+
+    def __len__(self) -> int:
+        return len(self._bundles)
+
+
+def check_data(matrix: Matrix, registry: Registry, keep: PreloadedData | None = None) -> None:
     """Load every data set the cells need once (under data parallelism every process does, since
-    each node reads its own files).
+    each node reads its own files); with ``keep``, the loaded bundles are kept there for the
+    cells that run in this process.
 
     :raises HarnessError: a data set cannot be loaded, with the first cell that needs it.
     """
@@ -88,14 +118,16 @@ def check_data(matrix: Matrix, registry: Registry) -> None:
     seen: set[str] = set()
     for cell in matrix.cells:
         ds = cell.config.dataset
-        key = f"{ds.name} {sorted(ds.options.items())!r} {cell.config.time_steps}"
+        key = PreloadedData.key(cell.config)
         if key in seen:
             continue
         seen.add(key)
         try:
-            load_dataset(cell.config, registry)
+            bundle = load_dataset(cell.config, registry)
         except Exception as exc:
             raise HarnessError(f"data set {ds.name!r} (first needed by cell [{cell.label}]) cannot be loaded: {exc}") from exc
+        if keep is not None:
+            keep.put(cell.config, bundle)
 
 
 def check_tracking(uri: str, timeout: float = 5.0) -> None:

@@ -66,3 +66,31 @@ def test_online_cells_with_osr_and_ots_train_and_report_the_fallback_rate(regist
     assert result.metrics["test_top1"] > 0.6  # three short epochs on digits already learn
     assert 0.0 <= result.metrics["osr_fallback_rate"] <= 1.0
     assert any(k.startswith("osr_fallback_rate/") for k in result.metrics)  # per layer too
+
+
+def test_the_preflights_data_set_is_handed_to_the_first_cell_not_loaded_again(registry, tiny_matrix, tmp_path, monkeypatch):
+    import harness.runner as runner
+    from cell_support import Recorder
+    from harness.executor import SerialExecutor
+    from harness.matrix import load_matrix
+    from harness.session import MatrixRun, PreloadedData, check_data, run_matrix
+
+    matrix = load_matrix(tiny_matrix('[matrix]\nseed = [0, 1]\n'), registry)
+    loads = []
+    real = runner.load_dataset
+
+    def counting(config, reg):
+        loads.append(config.seed)
+        return real(config, reg)
+
+    monkeypatch.setattr(runner, "load_dataset", counting)
+    preloaded = PreloadedData()
+    check_data(matrix, registry, preloaded)
+    assert loads == [0] and len(preloaded) == 1  # one data set for both cells
+    run = MatrixRun(matrix=matrix, results_dir=tmp_path, tracking_uri="sqlite:///unused", experiment="x")
+    results = run_matrix(run, registry, Recorder(), SerialExecutor(), preloaded)
+    assert [r.status for r in results] == ["finished", "finished"]
+    assert loads == [0, 1] and len(preloaded) == 0  # the first cell took the preflight's; the second loaded its own
+    alone = runner.run_cell(matrix.cells[0], registry, Recorder())  # loads its own: the same numbers
+    assert alone.metrics["test_loss"] == results[0].metrics["test_loss"]
+    assert alone.metrics["train_loss"] == results[0].metrics["train_loss"]

@@ -82,18 +82,19 @@ def test_every_allowed_combination_runs_its_whole_cell_on_the_device(reg, tmp_pa
         _run_on_meta(cell, reg, tmp_path)
 
 
-def _meta_cell(reg, normalizer="osr", threshold="ots", trainer="online", **kw):
+def _meta_cell(reg, normalizer="osr", threshold="ots", trainer="online", trainer_options=None, **kw):
     cell = tiny_cell(0, device="meta", max_eval_batches=1, **kw)
     cfg = dataclasses.replace(
         cell.config,
         normalizer=Component(normalizer, reg.normalizers.info(normalizer).defaults()),
         threshold=Component(threshold, reg.thresholds.info(threshold).defaults()),
-        trainer=Component(trainer, reg.trainers.info(trainer).defaults()),
+        trainer=Component(trainer, {**reg.trainers.info(trainer).defaults(), **(trainer_options or {})}),
     )
     return dataclasses.replace(cell, config=cfg)
 
 
-@pytest.mark.parametrize("combo", [("osr", "ots", "online"), ("vanilla_bn", "fixed", "bptt"), ("bntt", "ots", "online"), ("tebn", "ots", "bptt")])
+@pytest.mark.parametrize("combo", [("osr", "ots", "online"), ("vanilla_bn", "fixed", "bptt"), ("bntt", "ots", "online"),
+                                   ("tebn", "ots", "bptt"), ("vanilla_bn", "fixed", "online", {"gradient": "trace"})])
 def test_no_host_read_or_host_copy_per_step(reg, combo):
     """Two more training batches add exactly their two batch transfers (inputs, labels) and nothing
     else: no ``.item()``, ``bool()``, ``.tolist()`` or copy from the host per step or per sequence."""

@@ -343,3 +343,75 @@ def test_ots_two_pass_statistics_equal_torch_std_in_float64():
     r = (1.0 - us[0].mean()) / us[0].std()
     for t, u in enumerate(us[1:], 1):
         _close(thetas[t], u.mean() + u.std() * r)  # Eq. 16 with torch.std, the official statistic
+
+
+def _trace_reference(module, x, a):
+    """The composite OTTT synapse the fused node replaced: module(a) + module_without_bias(x - a; W detached)."""
+    frozen = {name: p.detach() for name, p in module.named_parameters()}
+    if "bias" in frozen and frozen["bias"] is not None:
+        frozen["bias"] = torch.zeros_like(frozen["bias"])
+    return module(a) + torch.func.functional_call(module, frozen, (x - a,))
+
+
+@pytest.mark.parametrize("make,shape", [
+    (lambda: nn.Conv2d(3, 4, 3, padding=1), (5, 3, 6, 6)),
+    (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=False), (5, 4, 9, 9)),
+    (lambda: nn.Conv1d(3, 2, 5, padding=2), (4, 3, 11)),
+    (lambda: nn.Linear(7, 3), (6, 7)),
+    (lambda: nn.Linear(7, 3, bias=False), (2, 6, 7)),
+])
+def test_trace_synapse_node_equals_the_composite_two_call_form(make, shape):
+    from harness.snn.fused import trace_synapse
+
+    torch.manual_seed(0)
+    ours = make().double()
+    ref = make().double()
+    ref.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(3)
+    s = (torch.rand(shape, generator=g, dtype=torch.float64) > 0.6).double()
+    a = s + 0.5 * (torch.rand(shape, generator=g, dtype=torch.float64) > 0.5).double()  # a trace: not the spikes
+    xs, xr = s.clone().requires_grad_(), s.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        y = trace_synapse(ours, xs, a)
+    y_ref = _trace_reference(ref, xr, a)
+    G = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    (y * G).sum().backward()
+    (y_ref * G).sum().backward()
+    _close(y.detach(), y_ref.detach())
+    _close(xs.grad, xr.grad)
+    for (name, p), (_, q) in zip(ours.named_parameters(), ref.named_parameters()):
+        _close(p.grad, q.grad)
+    assert saved == [a.shape, ours.weight.shape]  # the trace and the weight, not the spikes
+
+
+def test_trace_synapse_leaves_other_modules_to_the_composite_form():
+    from harness.snn.fused import trace_synapse
+
+    x = torch.rand(2, 3, 5, 5)
+    assert trace_synapse(nn.Conv2d(3, 3, 3, padding="same"), x, x) is None
+    assert trace_synapse(nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular"), x, x) is None
+    assert trace_synapse(nn.BatchNorm2d(3), x, x) is None
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: nn.Conv2d(3, 4, 3, padding=1), (5, 3, 6, 6)), (lambda: nn.Linear(7, 3), (6, 7))])
+def test_trace_synapse_under_cpu_bf16_autocast_matches_the_composite_form(make, shape):
+    from harness.snn.fused import trace_synapse
+
+    torch.manual_seed(0)
+    ours, ref = make(), make()
+    ref.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(4)
+    s = (torch.rand(shape, generator=g) > 0.6).to(torch.bfloat16)
+    a = (s.float() * 1.5).to(torch.bfloat16)
+    xs, xr = s.clone().requires_grad_(), s.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = trace_synapse(ours, xs, a)
+        y_ref = _trace_reference(ref, xr, a)
+    assert y.dtype == y_ref.dtype == torch.bfloat16
+    y.float().sum().backward()
+    y_ref.float().sum().backward()
+    assert xs.grad.dtype == torch.bfloat16 and ours.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y_ref.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(xs.grad.float(), xr.grad.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad, rtol=2e-2, atol=2e-2)

@@ -421,3 +421,68 @@ class _AvgPool(torch.autograd.Function):
 def avg_pool(x: Tensor, k: int) -> Tensor:
     """``k x k`` average pooling with stride ``k`` that saves nothing for backward (:class:`_AvgPool`)."""
     return _AvgPool.apply(x, k)
+
+
+# -- a synapse with the presynaptic trace (OTTT) ---------------------------------------------------
+
+
+class _TraceSynapse(torch.autograd.Function):
+    """``y = W * s + b`` (a convolution or linear map of the spikes ``s``) whose weight gradient
+    takes the presynaptic trace ``a`` in place of ``s`` (OTTT): ``dL/dW = g a^T``,
+    ``dL/db = sum g``, ``dL/ds = W^T g``. One forward and one backward of the synapse, saving
+    ``a`` only; the same numbers as ``module(a) + module_without_bias(s - a; W detached)``."""
+
+    @staticmethod
+    def forward(ctx, s: Tensor, a: Tensor, weight: Tensor, bias: Tensor | None, module: Any) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(a, weight)
+        ctx.module, ctx.has_bias, ctx.s_dtype = module, bias is not None, s.dtype
+        if isinstance(module, torch.nn.Linear):
+            return torch.nn.functional.linear(s, weight, bias)
+        return module._conv_forward(s, weight, bias)  # under autocast: in the autocast precision
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, Tensor | None, None]:  # type: ignore[override]
+        a, weight = ctx.saved_tensors
+        m = ctx.module
+        need_s, _, need_w, need_b, _ = ctx.needs_input_grad
+        master = weight.dtype
+        if grad.dtype != weight.dtype:  # the forward ran under autocast: the backward in its precision
+            a, weight = a.to(grad.dtype), weight.to(grad.dtype)
+        grad_s, grad_w, grad_b = _trace_synapse_grads(m, grad, a, weight, need_s, need_w, need_b and ctx.has_bias)
+        return (
+            None if grad_s is None else grad_s.to(ctx.s_dtype),
+            None,
+            None if grad_w is None else grad_w.to(master),
+            None if grad_b is None else grad_b.to(master),
+            None,
+        )
+
+
+def _trace_synapse_grads(
+    m: torch.nn.Module, grad: Tensor, a: Tensor, weight: Tensor, need_s: bool, need_w: bool, need_b: bool
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(W^T g, g a^T, sum g)`` of a linear map or a convolution, each only where needed."""
+    if isinstance(m, torch.nn.Linear):
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_s = grad @ weight if need_s else None
+        grad_w = g2.t() @ a.reshape(-1, a.shape[-1]) if need_w else None
+        grad_b = g2.sum(0) if need_b else None
+        return grad_s, grad_w, grad_b
+    bias_sizes = [weight.shape[0]] if need_b else None
+    grad_s, grad_w, grad_b = torch.ops.aten.convolution_backward(
+        grad, a, weight, bias_sizes, list(m.stride), list(m.padding), list(m.dilation), False,
+        [0] * len(m.stride), m.groups, [need_s, need_w, need_b],
+    )
+    return grad_s, grad_w, grad_b
+
+
+def trace_synapse(module: torch.nn.Module, s: Tensor, a: Tensor) -> Tensor | None:
+    """``module(s)`` whose weight gradient uses the trace ``a`` (:class:`_TraceSynapse`), for
+    ``nn.Linear`` and zero-padded ``nn.Conv1d/2d/3d`` with numeric padding; ``None`` for any
+    other module (the caller composes it from two calls instead)."""
+    conv = isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d))
+    if conv and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
+        return None
+    if not (conv or isinstance(module, torch.nn.Linear)):
+        return None
+    return _TraceSynapse.apply(s, a, module.weight, module.bias, module)

@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from harness.snn.fused import avg_pool
+from harness.snn.fused import avg_pool, trace_synapse
 
 STEP_MODES = frozenset({"single", "sequence"})
 
@@ -95,7 +95,9 @@ class TimeDistributed(SequenceModule):
     spikes), one step computes ``module(s[t])`` in value while the weight gradient uses the
     presynaptic trace ``a[t] = lambda * a[t-1] + s[t]`` (tracked without gradient) in place of
     ``s[t]``: ``y = module(a) + module_no_bias(s - a; W detached)``, so ``dL/dW = g[t] a[t]^T``
-    and ``dL/ds[t] = W^T g[t]`` (OTTT, Xiao et al. 2022; docs/method.md section 7).
+    and ``dL/ds[t] = W^T g[t]`` (OTTT, Xiao et al. 2022; docs/method.md section 7). For
+    ``nn.Linear`` and zero-padded convolutions this is one forward and one backward of the synapse
+    (:func:`harness.snn.fused.trace_synapse`), saving the trace only.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -116,6 +118,9 @@ class TimeDistributed(SequenceModule):
         s = x.detach()
         a = s if self._trace is None else self.trace_decay * self._trace + s
         self._trace = a
+        fused = trace_synapse(self.module, x, a)  # one call of the synapse, saving a only
+        if fused is not None:
+            return fused
         frozen = {name: p.detach() for name, p in self.module.named_parameters()}
         if "bias" in frozen:
             frozen["bias"] = torch.zeros_like(frozen["bias"])

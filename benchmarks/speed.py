@@ -514,7 +514,7 @@ def interleaved_rounds(setup: Setup, benches: dict[str, Bench], args: argparse.N
     return samples
 
 
-def saved_bytes(setup: Setup, bench: Bench) -> tuple[int, int | None]:  # noqa: D401
+def saved_bytes(setup: Setup, bench: Bench) -> tuple[int, int | None]:
     """Peak saved-for-backward bytes of one iteration (and the CUDA peak allocation on CUDA)."""
     import torch
 

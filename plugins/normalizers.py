@@ -16,18 +16,8 @@ from torch import Tensor, nn
 
 from harness import hookimpl
 from harness.snn import SequenceModule
-from harness.snn.distributed import batch_norm, is_synchronized, stats_group
-from harness.snn.fused import NormSpec, batch_moments, per_step_norm
-
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _channel_view(t: Tensor, ndim: int, channel_dim: int) -> Tensor:
-    """Reshape a ``[C]`` vector to broadcast along ``channel_dim`` of an ``ndim``-d tensor."""
-    shape = [1] * ndim
-    shape[channel_dim] = -1
-    return t.view(shape)
+from harness.snn.distributed import batch_norm, is_synchronized, stats_group, synced_moments
+from harness.snn.fused import NormSpec, channel_view, per_step_norm
 
 
 def _inference_affine(
@@ -42,7 +32,7 @@ def _inference_affine(
         b = b * weight
     if bias is not None:
         b = b + bias
-    y = torch.addcmul(_channel_view(b, x.ndim, channel_dim), x, _channel_view(a, x.ndim, channel_dim))
+    y = torch.addcmul(channel_view(b, x.ndim, channel_dim), x, channel_view(a, x.ndim, channel_dim))
     return y.to(x.dtype) if y.dtype != x.dtype else y
 
 
@@ -226,8 +216,7 @@ class OnlineSpikingRenormalization(_StepStatisticsNorm):
         if not self.training or self.mode == "linear":
             if self.training:  # Appendix E ablation: Eq. 8 in training, no BN inside; statistics still kept
                 with torch.no_grad():
-                    spec = NormSpec(stat_dims, channel_dim, self.eps, synchronized=is_synchronized(True), group=stats_group())
-                    mean, var, _, _ = batch_moments(x.float() if x.dtype in _HALF else x, spec)
+                    mean, var, _ = synced_moments(x, stat_dims)  # Eq. 13, across processes under DDP
                 self._accumulate(mean, var)
                 self._steps += self._count_steps(x, channel_dim)
             # Eq. 8 / Alg. 1, inference
@@ -282,8 +271,7 @@ class BatchNormThroughTime(SequenceModule):
         y = per_step_norm(x, self.weight[t], None, spec)  # one autograd node
         with torch.no_grad():  # PyTorch BN semantics: EMA, unbiased running variance
             n = spec.count  # an int, or a device tensor under DDP (the union count)
-            factor = (n / (n - 1) if n > 1 else 1.0) if isinstance(n, int) else n / (n - 1).clamp_min(1)
-            unbiased = spec.var.flatten() * factor
+            unbiased = spec.var.flatten() * (n / max(n - 1, 1) if isinstance(n, int) else n / (n - 1).clamp_min(1))
             self.running_mean[t].lerp_(spec.mean.flatten().to(self.running_mean.dtype), self.momentum)
             self.running_var[t].lerp_(unbiased.to(self.running_var.dtype), self.momentum)
         return y

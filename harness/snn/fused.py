@@ -23,7 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["LIFSpec", "NormSpec", "avg_pool", "batch_moments", "lif_sequence", "per_step_norm"]
+from harness.snn.distributed import synced_moments
+
+__all__ = ["LIFSpec", "NormSpec", "avg_pool", "channel_view", "lif_sequence", "per_step_norm", "trace_synapse"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -65,36 +67,24 @@ class NormSpec:
     fallback: Tensor | None = field(default=None, repr=False)
 
 
-def _channel_view(t: Tensor, ndim: int, channel_dim: int) -> Tensor:
+def channel_view(t: Tensor, ndim: int, channel_dim: int) -> Tensor:
+    """Reshape a ``[C]`` vector to broadcast along ``channel_dim`` of an ``ndim``-d tensor."""
     shape = [1] * ndim
     shape[channel_dim] = -1
     return t.view(shape)
 
 
-def batch_moments(xs: Tensor, spec: NormSpec) -> tuple[Tensor, Tensor, Tensor, int | Tensor]:
-    """``(mean, var, x - mean, count)`` over ``spec.dims``: two-pass means (exact, and much cheaper
-    than ``torch.var_mean`` on CPU); under a process group the union statistics (Chan's combination)."""
-    if spec.synchronized:
-        from harness.snn.distributed import synced_moments
-
-        mean, var, count = synced_moments(xs, spec.dims, group=spec.group)
-        return mean, var, xs - mean, count
-    mean = xs.mean(spec.dims, keepdim=True)
-    xc = xs - mean
-    var = torch.mul(xc, xc).mean(spec.dims, keepdim=True)
-    return mean, var, xc, math.prod(xs.shape[d] for d in spec.dims)
-
-
-def _effective_ratio_shift(spec: NormSpec, mean: Tensor, var: Tensor, ndim: int) -> tuple[Tensor, Tensor, Tensor]:
-    """OSR's no-gradient ``ratio`` and ``shift`` per step and channel (Eq. 9), set to ``1`` and ``0``
-    on the steps that fall back to plain batch statistics; and the fallback flags, one per step."""
-    run_mean = _channel_view(spec.running_mean, ndim, spec.channel_dim)
-    run_std = torch.sqrt(_channel_view(spec.running_var, ndim, spec.channel_dim) + spec.eps)
+def _effective_ratio_shift(spec: NormSpec, mean: Tensor, var: Tensor, ndim: int, cd: int) -> tuple[Tensor, Tensor, Tensor]:
+    """OSR's no-gradient ``ratio`` and ``shift`` per step and channel (Eq. 9) of a block whose
+    channels are on ``cd``, set to ``1`` and ``0`` on the steps that fall back to plain batch
+    statistics; and the fallback flags, one per step."""
+    run_mean = channel_view(spec.running_mean, ndim, cd)
+    run_std = torch.sqrt(channel_view(spec.running_var, ndim, cd) + spec.eps)
     ratio = torch.sqrt(var + spec.eps) / run_std
     shift = (mean - run_mean) / run_std
     if spec.fallback_ratio is None:
         return ratio, shift, torch.zeros((), dtype=torch.bool, device=mean.device)
-    per_step = tuple(range(ndim)) if spec.channel_dim == 1 else tuple(range(1, ndim))  # max over all but the step
+    per_step = tuple(range(ndim)) if cd == 1 else tuple(range(1, ndim))  # max over all but the step
     spread = torch.maximum(ratio, 1.0 / ratio).amax(dim=per_step, keepdim=True)
     fallback = spread > spec.fallback_ratio  # var[t] = 0 gives sqrt(eps) / run_std: finite
     return torch.where(fallback, 1.0, ratio), torch.where(fallback, 0.0, shift), fallback
@@ -145,8 +135,6 @@ class _PerStepNorm(torch.autograd.Function):
             xb, hb, yb = _part(xs, block), _part(centred, block), _part(y, block)
             ndim = xb.ndim
             if spec.synchronized:
-                from harness.snn.distributed import synced_moments
-
                 mean, var, count = synced_moments(xb, dims, group=spec.group)
                 torch.sub(xb, mean, out=hb)
             else:
@@ -155,16 +143,13 @@ class _PerStepNorm(torch.autograd.Function):
                 var = torch.mul(hb, hb, out=yb).mean(dims, keepdim=True)
                 count = math.prod(xb.shape[d] for d in dims)
             invstd = torch.rsqrt(var + spec.eps)
-            w = _channel_view(weight, ndim, cd) if weight is not None else None
+            w = channel_view(weight, ndim, cd) if weight is not None else None
             if spec.kind == "osr":
-                sub_spec = spec if block is None else NormSpec(
-                    dims, cd, spec.eps, running_mean=spec.running_mean, running_var=spec.running_var,
-                    fallback_ratio=spec.fallback_ratio)
-                ratio, shift, fallback = _effective_ratio_shift(sub_spec, mean, var, ndim)
+                ratio, shift, fallback = _effective_ratio_shift(spec, mean, var, ndim, cd)
                 a = ratio if w is None else w * ratio
                 b = shift if w is None else w * shift
                 if bias is not None:
-                    b = b + _channel_view(bias, ndim, cd)
+                    b = b + channel_view(bias, ndim, cd)
                 torch.addcmul(b, hb, a * invstd, out=yb)  # a * x_hat + b
                 stats.append((mean, var, invstd, ratio, shift, fallback))
             else:
@@ -172,7 +157,7 @@ class _PerStepNorm(torch.autograd.Function):
                 if bias is None:
                     torch.mul(hb, scale, out=yb)
                 else:
-                    torch.addcmul(_channel_view(bias, ndim, cd), hb, scale, out=yb)
+                    torch.addcmul(channel_view(bias, ndim, cd), hb, scale, out=yb)
                 stats.append((mean, var, invstd))
         # Per-step statistics with the singleton dimensions of the whole tensor ([T, 1, C, 1, ...]).
         joined = [torch.stack(col) if blocks[0] is not None else col[0] for col in zip(*stats)]
@@ -217,7 +202,7 @@ class _PerStepNorm(torch.autograd.Function):
             n = spec.count
             scale = invstd
             if weight is not None:
-                scale = scale * _channel_view(weight.to(scale.dtype), ndim, full_cd)
+                scale = scale * channel_view(weight.to(scale.dtype), ndim, full_cd)
             if ratio is not None:
                 scale = scale * ratio
             # a / std * (g - sum(g)/n - x_hat sum(g x_hat)/n) = g * c1 + c2 + (x - mu) * c3, in prod's buffer

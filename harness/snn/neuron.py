@@ -138,31 +138,25 @@ class LIFNeuron(SequenceModule):
         # (those only decide which trainers the cell may use).
         if not self.fused:
             return self.loop_steps(x)
-        v = self.v
-        if v is not None and self.detach_membrane:
-            v = v.detach()
-        s, self.v = lif_sequence(x, v, self._spec(self.t))
+        s, self.v = lif_sequence(x, self._previous_potential(), self._spec(self.t))
         self.t = x.shape[0]
         return s
 
     def forward_step(self, x: Tensor) -> Tensor:
-        if self.fused:
-            v = self.v
-            if v is not None and self.detach_membrane:
-                v = v.detach()
-            s, self.v = lif_sequence(x.unsqueeze(0), v, self._spec(self.t))
-            return s.squeeze(0)  # a view: its backward copies nothing
-        return self.unfused_step(x)
+        if not self.fused:
+            return self.unfused_step(x)
+        s, self.v = lif_sequence(x.unsqueeze(0), self._previous_potential(), self._spec(self.t))
+        return s.squeeze(0)  # a view: its backward copies nothing
+
+    def _previous_potential(self) -> Tensor | None:
+        """``u[t - 1/2]``, cut from the graph with ``detach_membrane``; ``None`` at a sequence's start."""
+        v = self.v
+        return v.detach() if v is not None and self.detach_membrane else v
 
     def unfused_step(self, x: Tensor) -> Tensor:
         """One step from elementwise autograd operations, the reference of the fused node."""
-        v = self.v
-        if v is None:
-            u = x  # u[1/2] = 0
-        else:
-            if self.detach_membrane:
-                v = v.detach()
-            u = self.decay * v + x  # Eq. 2
+        v = self._previous_potential()
+        u = x if v is None else self.decay * v + x  # Eq. 2, with u[1/2] = 0
         u = self.membrane(u)
         theta = self.threshold(u, self.t)
         s = spike(u - theta, self.surrogate_alpha)  # Eq. 3

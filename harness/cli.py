@@ -52,7 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="print the cells (and skipped ones, with reasons) and exit")
     run.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                      help="run only cells whose KEY equals VALUE (repeatable; a repeated key matches any of its values)")
-    run.add_argument("--executor", default="serial", help="how cells are run (default: %(default)s)")
+    run.add_argument("--executor", default=None, choices=("serial", "ray"),
+                     help="how cells run: one after another here (serial), or as Ray tasks, in parallel (ray); "
+                     "default: [execution] executor, else serial")
+    run.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
+                     help="ray: at most N cells at a time (default: [execution] max_concurrent, else as many as fit)")
+    run.add_argument("--address", default=None,
+                     help="ray: join this cluster ('auto', or ray://host:10001) instead of starting a local instance")
+    run.add_argument("--verbose", "-v", action="store_true", help="show Ray's own log lines")
     run.add_argument("--rerun", action="store_true",
                      help="run cells again that already finished in the tracking store (default: skip them)")
 
@@ -122,13 +129,12 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
-    from harness.executor import EXECUTORS
     from harness.matrix import load_matrix
     from harness.registry import build_registry, get_plugin_manager
     from harness.session import DEFAULT_EXPERIMENT, resolve_tracking_uri
 
-    if args.executor not in EXECUTORS:
-        raise ConfigError(f"--executor {args.executor!r}: known executors: {', '.join(sorted(EXECUTORS))}")
+    if args.jobs is not None and args.jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     pm = get_plugin_manager()
     registry = build_registry(pm)
     matrix = load_matrix(args.matrix, registry, only=args.only)
@@ -145,9 +151,12 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
     experiment = matrix.tracking.experiment or DEFAULT_EXPERIMENT
     from harness import parallel
 
+    execution = matrix.execution.override(executor=args.executor, address=args.address, max_concurrent=args.jobs)
+    if execution.executor != "serial" and parallel.from_environment().enabled:
+        raise ConfigError(f"--executor {execution.executor} under torchrun: a data-parallel cell runs with the serial executor")
     par = parallel.init_from_environment()  # torchrun: every process runs the same cells together
     try:
-        results = _run_cells(args, argv, pm, registry, matrix, par, results_dir, tracking_uri, experiment)
+        results = _run_cells(args, argv, pm, registry, matrix, par, results_dir, tracking_uri, experiment, execution)
     except parallel.GroupBroken as exc:  # the processes cannot meet again: leave without a goodbye
         print(f"harness: error: {exc}", file=sys.stderr)
         return ExitCode.CELLS_FAILED
@@ -161,17 +170,20 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _run_cells(args: argparse.Namespace, argv: list[str], pm: Any, registry: Any, matrix: Any, par: Any,
-               results_dir: Path, tracking_uri: str, experiment: str) -> list[Any] | None:
+               results_dir: Path, tracking_uri: str, experiment: str, execution: Any) -> list[Any] | None:
     """Lock the results, check what the cells need, skip finished cells and run the rest; None if
     nothing was left to run. Under data parallelism every process checks its own data files and
     process 0 the rest; they agree on the outcome before the first cell (a failure on any process
-    stops all of them with its reason, none waits for another)."""
+    stops all of them with its reason, none waits for another). An executor that runs cells
+    elsewhere checks the data sets where the cells will run."""
     from harness import parallel
-    from harness.executor import EXECUTORS
+    from harness.executor import make_executor
     from harness.lock import ResultsLock
     from harness.registry import register_observers
     from harness.session import MatrixRun, PreloadedData, check_data, check_tracking, run_matrix
 
+    executor = make_executor(execution, verbose=args.verbose)
+    checkpoint_root = Path(execution.checkpoint_dir).resolve() if execution.checkpoint_dir else None
     with contextlib.ExitStack() as stack:
         error: Exception | None = None
         finished_ids: list[str] = []
@@ -180,7 +192,13 @@ def _run_cells(args: argparse.Namespace, argv: list[str], pm: Any, registry: Any
             if par.is_main:  # one run per results directory: a second one is refused
                 stack.enter_context(ResultsLock(results_dir))
                 check_tracking(tracking_uri)
-            check_data(matrix, registry, preloaded)
+            if executor.in_process:
+                check_data(matrix, registry, preloaded)
+            else:
+                stack.callback(executor.close)
+                probe_dir = MatrixRun(matrix=matrix, results_dir=results_dir, tracking_uri=tracking_uri, experiment=experiment,
+                                      checkpoint_root=checkpoint_root).checkpoint_dir
+                executor.preflight(matrix, registry, probe_dir)
             if par.is_main:
                 register_observers(pm)  # only process 0 tracks, writes and displays
                 if not args.rerun:
@@ -202,10 +220,10 @@ def _run_cells(args: argparse.Namespace, argv: list[str], pm: Any, registry: Any
                 print("harness: nothing to run: every cell of the matrix has finished", file=sys.stderr)
             return None
         run = MatrixRun(matrix=matrix, results_dir=results_dir, tracking_uri=tracking_uri, experiment=experiment,
-                        argv=["harness", *argv], already_finished=finished)
+                        argv=["harness", *argv], already_finished=finished, checkpoint_root=checkpoint_root)
         previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGTERM, signal.SIGINT)}  # both stop cleanly
         try:
-            return run_matrix(run, registry, pm.hook, EXECUTORS[args.executor](), preloaded)
+            return run_matrix(run, registry, pm.hook, executor, preloaded)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)

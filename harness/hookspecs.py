@@ -28,7 +28,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from harness.registry import ObserverRegistrar, Registrar
-    from harness.runner import CellResult
+    from harness.events import CellResult
     from harness.session import MatrixRun
     from harness.matrix import Cell, Matrix
 

@@ -36,6 +36,14 @@ Schema (every key is checked; errors name the file, the section, the key and wha
     [tracking]
     uri = "http://127.0.0.1:5000"   # default: sqlite:///<results>/mlflow.db (or $MLFLOW_TRACKING_URI)
     experiment = "snn-harness"
+
+    [execution]                     # how the cells run (flags of `harness run` override these)
+    executor = "ray"                # "serial" (default) | "ray"
+    cpus_per_cell = 1               # ray: also the cell's torch threads
+    gpus_per_cell = 0.5             # ray: two cells per GPU
+    max_concurrent = 8              # ray: cells in flight at once (--jobs)
+    max_retries = 2                 # ray: retries of a cell whose worker died, from its checkpoint
+    address = "auto"                # ray: join the running cluster (default: start a local instance)
 """
 
 from __future__ import annotations
@@ -60,7 +68,7 @@ from harness.config import (
 )
 from harness.errors import ConfigError, IncompatibleCellError, UnknownNameError, close_matches
 
-TOP_KEYS = ("name", "description", "defaults", "matrix", "exclude", "options", "tracking")
+TOP_KEYS = ("name", "description", "defaults", "matrix", "exclude", "options", "tracking", "execution")
 NESTED = {f.name: f.type for f in dataclasses.fields(CellConfig) if f.name in ("optimizer", "lr_schedule", "neuron")}
 _HINTS = typing.get_type_hints(CellConfig)
 _DEFAULT_COMPONENTS = {"threshold": "fixed", "loss": "tet"}
@@ -80,6 +88,50 @@ class Catalog(Protocol):
 class TrackingConfig:
     uri: str | None = None
     experiment: str = "snn-harness"
+
+
+EXECUTORS = ("ray", "serial")
+
+
+@dataclass(frozen=True)
+class ExecutionConfig:
+    """How the cells run: ``[execution]`` in the matrix file; ``harness run`` flags override it.
+
+    ``serial`` runs them one after another in this process; ``ray`` runs each as a Ray task,
+    as many at a time as the resources allow (``gpus_per_cell`` and ``cpus_per_cell`` each, at
+    most ``max_concurrent``), on a local Ray instance or the cluster at ``address``.
+    """
+
+    executor: str = "serial"
+    address: str | None = None  # ray: "auto" or "ray://host:10001" joins a cluster; unset starts a local instance
+    max_concurrent: int | None = None  # ray: cells in flight at once (default: as many as fit)
+    gpus_per_cell: float | None = None  # ray: default 1 where the cluster has GPUs, else 0; fractions share a GPU
+    cpus_per_cell: int | None = None  # ray: CPUs (and torch threads) per cell; default 1, or the CPUs per GPU
+    max_retries: int = 2  # ray: a cell whose worker died is retried this often, from its checkpoint
+    checkpoint_dir: str | None = None  # where cells checkpoint; default <results>/<matrix>/checkpoints
+    dashboard: bool = False  # ray: start the Ray dashboard (on 127.0.0.1) with the local instance
+
+    def __post_init__(self) -> None:
+        if self.executor not in EXECUTORS:
+            hint = close_matches(self.executor, EXECUTORS)
+            raise ConfigError(f"executor {self.executor!r} is not known" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                              + f"; known executors: {', '.join(EXECUTORS)}")
+        for key in ("max_concurrent", "cpus_per_cell"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"execution {key} must be at least 1, got {value}")
+        if self.max_retries < 0:
+            raise ConfigError(f"execution max_retries must be 0 or more, got {self.max_retries}")
+        if self.gpus_per_cell is not None:
+            if not 0 <= self.gpus_per_cell <= 1:
+                raise ConfigError(
+                    f"execution gpus_per_cell = {self.gpus_per_cell}: a cell uses at most one GPU (a fraction such as "
+                    "0.25 lets four cells share one); a cell spanning several GPUs runs under torchrun with the serial executor"
+                )
+
+    def override(self, **flags: Any) -> ExecutionConfig:
+        """This config with the flags that were given (not None) put over it."""
+        return dataclasses.replace(self, **{k: v for k, v in flags.items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -108,6 +160,7 @@ class Matrix:
     excluded: int  # cells dropped by [[exclude]]
     filtered_out: int  # cells dropped by --only
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -164,6 +217,12 @@ def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequenc
                 _check_option(info, opt, value, f"{source} [matrix] axis {key!r}")
     filters = _parse_only(only)
     tracking = validate.build_dataclass(TrackingConfig, data.get("tracking", {}), f"{source} [tracking]")
+    try:
+        execution = validate.build_dataclass(ExecutionConfig, data.get("execution", {}), f"{source} [execution]")
+    except ConfigError as exc:
+        if str(exc).startswith(source):
+            raise
+        raise ConfigError(f"{source} [execution]: {exc}") from None
 
     cells: list[Cell] = []
     skipped: list[Cell] = []
@@ -219,6 +278,7 @@ def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequenc
         excluded=excluded,
         filtered_out=filtered,
         tracking=tracking,
+        execution=execution,
     )
     if not cells and skipped:
         reasons = "\n".join(f"  - [{c.label}]: {c.skip_reason}" for c in skipped)

@@ -131,6 +131,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._tables = {kind: ComponentTable(kind) for kind in KINDS}
+        self.plugins = PluginSettings()  # how the plugins were loaded: what a worker rebuilds this from
 
     normalizers = property(lambda self: self._tables["normalizer"])
     thresholds = property(lambda self: self._tables["threshold"])
@@ -234,12 +235,27 @@ class ObserverRegistrar:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PluginSettings:
+    """How a plugin manager was loaded, as a plain picklable value: a worker process (another
+    node, even) rebuilds the same registry from it with :meth:`plugin_manager`."""
+
+    autoload: bool = True  # third-party entry points too, not only the built-in ones
+    blocked: tuple[str, ...] = ()
+    extra_plugins: tuple[tuple[object, str], ...] = ()  # (plugin, name) registered besides the entry points
+
+    def plugin_manager(self) -> HarnessPluginManager:
+        return get_plugin_manager(autoload=self.autoload, blocked=self.blocked, extra_plugins=self.extra_plugins)
+
+
 class HarnessPluginManager(pluggy.PluginManager):
-    """A pluggy manager that remembers which distribution provided each entry-point plugin."""
+    """A pluggy manager that remembers which distribution provided each entry-point plugin, and
+    the settings it was loaded with (:class:`PluginSettings`)."""
 
     def __init__(self) -> None:
         super().__init__(hookspecs.PROJECT_NAME)
         self.packages: dict[str, str] = {}  # plugin name -> "distribution version"
+        self.settings = PluginSettings()
 
 
 def get_plugin_manager(
@@ -260,8 +276,11 @@ def get_plugin_manager(
     pm.add_hookspecs(hookspecs)
     if autoload is None:
         autoload = os.environ.get(ENV_DISABLE_AUTOLOAD, "").strip().lower() in ("", "0", "false", "no")
-    for name in list(blocked) + [b for b in os.environ.get(ENV_BLOCK, "").split(",") if b.strip()]:
-        pm.set_blocked(name.strip())
+    names = list(dict.fromkeys(b.strip() for b in [*blocked, *os.environ.get(ENV_BLOCK, "").split(",")] if b.strip()))
+    for name in names:
+        pm.set_blocked(name)
+    extra_plugins = tuple(extra_plugins)
+    pm.settings = PluginSettings(autoload=autoload, blocked=tuple(names), extra_plugins=extra_plugins)
     _load_entry_points(pm, autoload)
     for plugin, name in extra_plugins:
         _register(pm, plugin, name)
@@ -336,6 +355,7 @@ def _package_of(pm: HarnessPluginManager, plugin: object) -> str:
 def build_registry(pm: HarnessPluginManager) -> Registry:
     """Call every ``register_*`` hook once per plugin, each with a registrar bound to that plugin."""
     registry = Registry()
+    registry.plugins = getattr(pm, "settings", PluginSettings())
     for kind, hook_name in KINDS.items():
         hook = getattr(pm.hook, hook_name)
         for impl in hook.get_hookimpls():

@@ -9,7 +9,7 @@ import random
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from harness import checkpoint, devices, parallel
 from harness.config import CellConfig, OptimizerConfig, ScheduleConfig
 from harness.data import DatasetBundle, EpochShuffle, WorkerSeeding, to_sequence, train_subset
 from harness.errors import HarnessError
+from harness.events import CellResult, checkpoint_done
 from harness.matrix import Cell
 from harness.meters.cell import CellMeters, model_size
 from harness.registry import Registry
@@ -69,19 +70,6 @@ class CellInterrupted(KeyboardInterrupt):
     def __init__(self, result: CellResult) -> None:
         super().__init__(f"interrupted during cell {result.label}")
         self.result = result
-
-
-@dataclass
-class CellResult:
-    cell_id: str
-    label: str
-    status: str  # "finished" | "failed" | "killed"
-    metrics: dict[str, float] = field(default_factory=dict)  # final epoch's metrics + best_test_top1
-    epochs_completed: int = 0
-    duration_s: float = 0.0
-    error: str | None = None  # traceback text of a failed cell
-    error_type: str | None = None
-    artifacts: dict[str, bytes] = field(default_factory=dict)  # file name -> content (observers store them)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -154,7 +142,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epoch
     raise HarnessError(f"unknown lr schedule {cfg.name!r}; known: constant, cosine, step")
 
 
-def run_cell(cell: Cell, registry: Registry, hook: Any, checkpoint_dir: Path | None = None, preloaded: Any = None) -> CellResult:
+def run_cell(cell: Cell, registry: Registry, hook: Any, checkpoint_dir: Path | None = None, preloaded: Any = None,
+             remove_checkpoint: bool = True) -> CellResult:
     """Train and evaluate one cell. Exceptions become a failed result (the matrix goes on);
     ``KeyboardInterrupt`` marks the cell killed and propagates.
 
@@ -166,6 +155,8 @@ def run_cell(cell: Cell, registry: Registry, hook: Any, checkpoint_dir: Path | N
 
     ``preloaded`` (:class:`harness.session.PreloadedData`): data sets already loaded in this
     process; the cell takes its own from there instead of loading it again.
+    ``remove_checkpoint=False`` leaves the removal to the caller (a worker's ``on_cell_end`` is
+    only sent, not recorded, when it returns).
 
     Under data parallelism the processes fail a cell together (:class:`Meetings`); an error in
     the middle of a training step, which they cannot agree on, is recorded and then propagates
@@ -193,7 +184,7 @@ def run_cell(cell: Cell, registry: Registry, hook: Any, checkpoint_dir: Path | N
         _failed(result, exc)
     result.duration_s = time.perf_counter() - start
     hook.on_cell_end(cell=cell, result=result)  # recorded first: a crash here keeps the checkpoint
-    if ckpt is not None and parallel.current().is_main and (result.status == "finished" or result.error_type == "DivergedError"):
+    if remove_checkpoint and ckpt is not None and parallel.current().is_main and checkpoint_done(result):
         checkpoint.remove(ckpt)
     return result
 
@@ -491,7 +482,6 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
                 }
                 result.metrics = metrics
                 result.epochs_completed = epoch
-                hook.on_epoch_end(cell=cell, epoch=epoch, metrics=dict(metrics))
             saving = ckpt is not None and epoch < cfg.epochs
             rng = meet.settle(f"at the end of epoch {epoch}", checkpoint.rng_state(generator) if saving else None)
             if saving and par.is_main:
@@ -509,6 +499,9 @@ def _train(cell: Cell, registry: Registry, hook: Any, result: CellResult, ckpt: 
                     hook.run(checkpoint.save, ckpt, cell.id, snapshot)
                 else:
                     checkpoint.save(ckpt, cell.id, snapshot)  # type: ignore[arg-type]
+            # Only now is the epoch told: a process killed in between resumes after this epoch
+            # and never records it twice.
+            hook.on_epoch_end(cell=cell, epoch=epoch, metrics=dict(metrics))
     finally:
         meters.close()
     with meet.hold():

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.executor import Executor, SerialExecutor
+from harness.executor import CellJob, Executor, SerialExecutor
 from harness.matrix import Matrix
 from harness.registry import Registry
 
@@ -25,10 +24,14 @@ class MatrixRun:
     experiment: str
     argv: list[str] = field(default_factory=list)
     interrupted: bool = False
+    checkpoint_root: Path | None = None  # [execution] checkpoint_dir: shared storage for multi-node runs
     already_finished: list[Any] = field(default_factory=list)  # cells skipped: finished in an earlier run
 
     @property
     def checkpoint_dir(self) -> Path:
+        """Where cells checkpoint: ``[execution] checkpoint_dir / <matrix>``, or ``<results>/<matrix>/checkpoints``."""
+        if self.checkpoint_root is not None:
+            return self.checkpoint_root / self.matrix.name
         return self.output_dir / "checkpoints"
 
     @property
@@ -56,25 +59,20 @@ def run_matrix(
     ``preloaded``: the preflight's data sets, used by an executor that runs cells in this process.
 
     ``KeyboardInterrupt`` ends the matrix: ``run.interrupted`` is set, ``on_matrix_end`` still
-    fires (with the results so far), and the interrupt propagates.
+    fires (with the results so far, the killed cells' included), and the interrupt propagates.
     """
-    from harness.runner import run_cell  # torch is imported only when cells really run
-
     run.output_dir.mkdir(parents=True, exist_ok=True)
     executor = executor or SerialExecutor()
+    job = CellJob(registry=registry, hook=hook, checkpoint_dir=run.checkpoint_dir,
+                  preloaded=preloaded if getattr(executor, "in_process", False) else None)
     results: list[Any] = []
     hook.on_matrix_start(run=run)
     try:
-        in_process = getattr(executor, "in_process", False)
-        cell_fn = functools.partial(run_cell, registry=registry, hook=hook, checkpoint_dir=run.checkpoint_dir,
-                                    preloaded=preloaded if in_process else None)
-        for result in executor.map(cell_fn, run.matrix.cells):
+        for result in executor.run(run.matrix.cells, job):
             results.append(result)
     except KeyboardInterrupt as exc:
         run.interrupted = True
-        killed = getattr(exc, "result", None)  # runner.CellInterrupted carries the killed cell
-        if killed is not None:
-            results.append(killed)
+        results.extend(getattr(exc, "results", ()))  # CellsInterrupted carries the killed cells
         raise
     finally:
         hook.on_matrix_end(run=run, results=results)

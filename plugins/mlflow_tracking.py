@@ -36,6 +36,13 @@ def _warning_tags(info: dict[str, Any]) -> dict[str, str]:
     return {"harness.warnings": "\n".join(map(str, warnings))[:5000]} if warnings else {}
 
 
+def _worker_tags(info: dict[str, Any]) -> dict[str, str]:
+    """Where a cell run by a worker process runs (``harness.worker``: host, pid and Ray node)."""
+    if "worker_host" not in info:
+        return {}
+    return {"harness.worker": f"{info['worker_host']} pid {info.get('worker_pid')} node {info.get('worker_node', '')}".strip()}
+
+
 class MlflowTracker:
     """Logs a matrix to MLflow. One instance per invocation (created in ``register_observers``)."""
 
@@ -80,13 +87,23 @@ class MlflowTracker:
     def on_cell_start(self, cell: Any, info: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
+        if cell.id in self.runs:  # the cell runs again in this matrix (its worker died): the same run goes on
+            run_id = self.runs[cell.id]
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.set_tag(run_id, tracking.TAG_STATUS, "running")
+            for key, value in {**_worker_tags(info), **_warning_tags(info)}.items():
+                self.client.set_tag(run_id, key, value)
+            if info.get("resumed_from_epoch"):
+                self.client.set_tag(run_id, "harness.resumed_from_epoch", str(info["resumed_from_epoch"]))
+            return
         if info.get("resumed_from_epoch"):
             previous = tracking.resumable_run(self.client, self.experiment_id, self.run.matrix.name, cell.id)
             if previous is not None:  # continue the killed run: one MLflow run per cell
                 run_id = previous.info.run_id
                 self.client.update_run(run_id, status="RUNNING")
                 for key, value in {**_process_tags(), tracking.TAG_STATUS: "running", "mlflow.parentRunId": self.parent_id,
-                                   "harness.resumed_from_epoch": str(info["resumed_from_epoch"]), **_warning_tags(info)}.items():
+                                   "harness.resumed_from_epoch": str(info["resumed_from_epoch"]), **_warning_tags(info),
+                                   **_worker_tags(info)}.items():
                     self.client.set_tag(run_id, key, value)
                 self.runs[cell.id] = run_id
                 return
@@ -108,12 +125,14 @@ class MlflowTracker:
                 **_process_tags(),
                 **({"harness.checkpoint_discarded": str(info["checkpoint_discarded"])[:5000]} if "checkpoint_discarded" in info else {}),
                 **_warning_tags(info),
+                **_worker_tags(info),
             },
         )
         run_id = child.info.run_id
         self.runs[cell.id] = run_id
         params = [Param(k, _param_value(v)) for k, v in flatten(cell.config).items()]
-        params += [Param(f"info.{k}", _param_value(v)) for k, v in info.items() if k not in ("device", "checkpoint_discarded", "resumed_from_epoch", "warnings")]
+        params += [Param(f"info.{k}", _param_value(v)) for k, v in info.items()
+                   if k not in ("device", "checkpoint_discarded", "resumed_from_epoch", "warnings") and not k.startswith("worker_")]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
 

@@ -15,7 +15,8 @@ def _fmt_metrics(metrics: dict[str, float]) -> str:
 
 
 class ProgressDisplay:
-    """Cells overall, the epochs of the current cell and the batches of the current pass."""
+    """Cells overall, and the epochs and batches of every running cell (several run at once under
+    a parallel executor: then each line names its cell)."""
 
     def __init__(self, stream: Any = None, live: bool | None = None) -> None:
         from rich.console import Console
@@ -24,10 +25,12 @@ class ProgressDisplay:
         self.live = self.stream.isatty() if live is None else live
         self.console = Console(file=self.stream, force_terminal=self.live, highlight=False, soft_wrap=True)
         self.progress: Any = None
-        self.tasks: dict[str, Any] = {}
+        self.tasks: dict[str, Any] = {}  # "cells", and "<cell id> epochs" / "<cell id> batches" per running cell
         self.total = 0
         self.done = 0
-        self.cell_epochs = 0
+        self.numbers: dict[str, int] = {}  # cell id -> its number, in the order cells started
+        self.running: set[str] = set()
+        self.overlapped = False  # cells ran at the same time: lines name their cell
         self.t0 = 0.0
 
     # -- matrix -----------------------------------------------------------------------------
@@ -73,52 +76,64 @@ class ProgressDisplay:
         self.console.print(f"summary: {run.output_dir / 'summary.md'}")
 
     # -- cell -------------------------------------------------------------------------------
+    def _print(self, line: str) -> None:
+        (self.progress.console if self.progress is not None else self.console).print(line, markup=False)
+
+    def _drop_tasks(self, cell_id: str) -> None:
+        for name in (f"{cell_id} epochs", f"{cell_id} batches"):
+            if name in self.tasks and self.progress is not None:
+                self.progress.remove_task(self.tasks.pop(name))
+
     @hookimpl
     def on_cell_start(self, cell: Any, info: dict[str, Any]) -> None:
-        self.cell_epochs = cell.config.epochs
-        head = f"[cell {self.done + 1}/{self.total}] {cell.label} ({cell.id})"
+        number = self.numbers.setdefault(cell.id, len(self.numbers) + 1)
+        self.running.add(cell.id)
+        self.overlapped = self.overlapped or len(self.running) > 1
+        head = f"[cell {number}/{self.total}] {cell.label} ({cell.id})"
         if info.get("resumed_from_epoch"):
             head += f" resumed after epoch {info['resumed_from_epoch']}"
         if info.get("checkpoint_discarded"):
-            self.console.print(f"  warning: {info['checkpoint_discarded']}", markup=False)
+            self._print(f"  warning: {info['checkpoint_discarded']}")
         for warning in info.get("warnings") or ():
-            self.console.print(f"  warning: {warning}", markup=False)
+            self._print(f"  warning: {warning}")
         if self.progress is not None:
-            self.progress.console.print(f"{head} on {info.get('device')}", markup=False)
-            for name in ("epochs", "batches"):
-                if name in self.tasks:
-                    self.progress.remove_task(self.tasks.pop(name))
-            self.tasks["epochs"] = self.progress.add_task("  epochs", total=cell.config.epochs)
-            self.tasks["batches"] = self.progress.add_task("  train", total=1)
+            self._print(f"{head} on {info.get('device')}")
+            self._drop_tasks(cell.id)
+            short = f"  [{cell.label}] " if self.overlapped else "  "
+            self.tasks[f"{cell.id} epochs"] = self.progress.add_task(f"{short}epochs", total=cell.config.epochs)
+            self.tasks[f"{cell.id} batches"] = self.progress.add_task(f"{short}train", total=1)
         else:
-            self.console.print(f"{head} started on {info.get('device')}, {info.get('num_parameters')} parameters", markup=False)
+            self._print(f"{head} started on {info.get('device')}, {info.get('num_parameters')} parameters")
 
     @hookimpl
     def on_cell_end(self, cell: Any, result: Any) -> None:
         self.done += 1
+        self.running.discard(cell.id)
+        number = self.numbers.setdefault(cell.id, len(self.numbers) + 1)
         acc = result.metrics.get("test_top1")
         tail = f"test top-1 {acc:.2%}" if acc is not None else (result.error_type or "")
-        line = f"[cell {self.done}/{self.total}] {cell.label}: {result.status}, {tail} ({result.duration_s:.1f}s)"
+        line = f"[cell {number}/{self.total}] {cell.label}: {result.status}, {tail} ({result.duration_s:.1f}s)"
         if self.progress is not None:
+            self._drop_tasks(cell.id)
             self.progress.advance(self.tasks["cells"])
-            self.progress.console.print(line, markup=False)
-        else:
-            self.console.print(line, markup=False)
+        self._print(line)
 
     # -- epoch and batch ---------------------------------------------------------------------
     @hookimpl
     def on_batch_end(self, cell: Any, phase: str, batch: int, num_batches: int) -> None:
-        if self.progress is not None:
-            self.progress.update(self.tasks["batches"], description=f"  {phase}", completed=batch, total=num_batches)
+        task = self.tasks.get(f"{cell.id} batches")
+        if self.progress is not None and task is not None:
+            short = f"  [{cell.label}] " if self.overlapped else "  "
+            self.progress.update(task, description=f"{short}{phase}", completed=batch, total=num_batches)
 
     @hookimpl
     def on_epoch_end(self, cell: Any, epoch: int, metrics: dict[str, float]) -> None:
-        line = f"  epoch {epoch}/{self.cell_epochs}: {_fmt_metrics(metrics)}"
-        if self.progress is not None:
-            self.progress.advance(self.tasks["epochs"])
-            self.progress.console.print(line, markup=False)
-        else:
-            self.console.print(line, markup=False)
+        who = f"[{cell.label}] " if self.overlapped else ""
+        line = f"  {who}epoch {epoch}/{cell.config.epochs}: {_fmt_metrics(metrics)}"
+        task = self.tasks.get(f"{cell.id} epochs")
+        if self.progress is not None and task is not None:
+            self.progress.update(task, completed=epoch)
+        self._print(line)
 
 
 @hookimpl

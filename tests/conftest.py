@@ -66,3 +66,20 @@ device = "cpu"  # bit-identical comparisons: never cuDNN or TF32, even where CUD
 [options.model.vgg_small]
 channels = [4, 8]
 """
+
+
+@pytest.fixture(scope="session")
+def ray_instance():
+    """One local Ray instance for the whole session (2 CPUs, loopback only, as the harness
+    starts its own); tests that use it run the ``ray`` executor in this process, which joins it.
+    The Ray tests' plugins (``ray_plugins``) travel to the workers by value."""
+    from harness.ray_executor import LOOPBACK_ENV
+
+    os.environ.setdefault(LOOPBACK_ENV, "0")
+    import ray
+    import ray_plugins
+
+    ray.cloudpickle.register_pickle_by_value(ray_plugins)
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,191 @@
+"""A cell's lifecycle as plain values, for cells that run away from the observers.
+
+Where cells run in another process (a Ray worker, another node), the observers (tracking, the
+summary files, the progress display) still run in the driver only: one process writes the
+tracking store and the result files. The worker's cell is given an :class:`EventSender` in
+place of the hook relay; every lifecycle call becomes a :class:`CellEvent` (cell id, hook name,
+keyword arguments without the cell), which is picklable and travels to the driver, where
+:class:`Delivery` calls the observers with what they would have got in-process, in the same
+order per cell.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+LIFECYCLE = ("on_cell_start", "on_epoch_start", "on_batch_end", "on_epoch_end", "on_cell_end")
+"""The per-cell hooks of :mod:`harness.hookspecs`, the names an event carries."""
+
+
+@dataclass(frozen=True)
+class CellEvent:
+    """One lifecycle call of one cell: ``hook.<name>(cell=<the cell>, **payload)``."""
+
+    cell_id: str
+    name: str  # one of LIFECYCLE
+    payload: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def epoch(self) -> int | None:
+        return self.payload.get("epoch")
+
+
+@dataclass
+class CellResult:
+    """What a cell ended with: the payload of ``on_cell_end``, and what an executor yields."""
+
+    cell_id: str
+    label: str
+    status: str  # "finished" | "failed" | "killed"
+    metrics: dict[str, float] = field(default_factory=dict)  # final epoch's metrics + best_test_top1
+    epochs_completed: int = 0
+    duration_s: float = 0.0
+    error: str | None = None  # traceback text of a failed cell
+    error_type: str | None = None
+    artifacts: dict[str, bytes] = field(default_factory=dict)  # file name -> content (observers store them)
+
+
+def checkpoint_done(result: CellResult) -> bool:
+    """Whether a cell that ended so no longer needs its checkpoint: finished, or diverged (it
+    would diverge again); a killed cell, or one that failed otherwise, keeps it."""
+    return result.status == "finished" or result.error_type == "DivergedError"
+
+
+
+class EventSender:
+    """Stands in for the hook relay in a worker: each lifecycle call is handed to ``send`` as a
+    :class:`CellEvent`. Batch events are throttled to one per ``batch_interval`` seconds per
+    pass (the last batch of a pass is always sent); every cell and epoch event is sent.
+    ``extra_info`` is added to the ``on_cell_start`` info (e.g. which worker runs the cell).
+    """
+
+    def __init__(self, send: Callable[[CellEvent], None], batch_interval: float = 0.25,
+                 extra_info: dict[str, Any] | None = None) -> None:
+        self._send = send
+        self.batch_interval = batch_interval
+        self.extra_info = dict(extra_info or {})
+        self._last_batch = -float("inf")
+
+    def _emit(self, name: str, cell: Any, **payload: Any) -> None:
+        self._send(CellEvent(cell.id, name, payload))
+
+    def on_cell_start(self, cell: Any, info: dict[str, Any]) -> None:
+        self._emit("on_cell_start", cell, info={**info, **self.extra_info})
+
+    def on_epoch_start(self, cell: Any, epoch: int, num_train_batches: int, num_test_batches: int) -> None:
+        self._emit("on_epoch_start", cell, epoch=epoch, num_train_batches=num_train_batches, num_test_batches=num_test_batches)
+
+    def on_batch_end(self, cell: Any, phase: str, batch: int, num_batches: int) -> None:
+        now = time.monotonic()
+        if batch < num_batches and now - self._last_batch < self.batch_interval:
+            return
+        self._last_batch = now
+        self._emit("on_batch_end", cell, phase=phase, batch=batch, num_batches=num_batches)
+
+    def on_epoch_end(self, cell: Any, epoch: int, metrics: dict[str, float]) -> None:
+        self._emit("on_epoch_end", cell, epoch=epoch, metrics=dict(metrics))
+
+    def on_cell_end(self, cell: Any, result: Any) -> None:
+        self._emit("on_cell_end", cell, result=result)
+
+
+class ObserverFailed(Exception):
+    """An observer kept failing on a cell's event (e.g. the tracking server went away)."""
+
+
+@dataclass
+class CellRecord:
+    """What the driver delivered of one cell so far."""
+
+    started: bool = False
+    last_epoch: int = 0  # the last epoch whose on_epoch_end the observers got
+    metrics: dict[str, float] = field(default_factory=dict)  # that epoch's metrics
+    info: dict[str, Any] = field(default_factory=dict)  # the latest on_cell_start info
+    failed_observers: set[str] = field(default_factory=set)
+
+
+class Delivery:
+    """Calls the observers with a cell's events in the driver, one observer at a time.
+
+    An observer that raises is called again after ``retry_delays`` (a tracking server that is
+    restarting); if it still fails, :class:`ObserverFailed` names it and the event, and that
+    observer gets no more events of the cell but its end. An epoch event for an epoch the
+    observers already have (a retried cell repeating its last epoch) is dropped: the history
+    never holds an epoch twice.
+    """
+
+    def __init__(self, hook: Any, cells: dict[str, Any], retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0),
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.hook, self.cells = hook, cells
+        self.retry_delays = retry_delays
+        self.sleep = sleep
+        self.records: dict[str, CellRecord] = {cid: CellRecord() for cid in cells}
+
+    def deliver(self, event: CellEvent) -> None:
+        """Hand ``event`` to the observers. :raises ObserverFailed: one kept failing."""
+        record = self.records[event.cell_id]
+        if event.name in ("on_epoch_start", "on_epoch_end") and (event.epoch or 0) <= record.last_epoch:
+            return
+        if event.name == "on_batch_end" and record.failed_observers:
+            return
+        if event.name == "on_cell_start":
+            record.started, record.info = True, dict(event.payload["info"])
+        if event.name == "on_epoch_end":
+            record.last_epoch, record.metrics = int(event.payload["epoch"]), dict(event.payload["metrics"])
+        self.call(event.cell_id, event.name, **event.payload)
+
+    def call(self, cell_id: str, name: str, *, best_effort: bool = False, **payload: Any) -> None:
+        """Call hook ``name`` of every observer for cell ``cell_id``, in the relay's order."""
+        record = self.records[cell_id]
+        kwargs = {"cell": self.cells[cell_id], **payload}
+        caller = getattr(self.hook, name)
+        impls = caller.get_hookimpls() if hasattr(caller, "get_hookimpls") else None
+        if impls is None or any(i.hookwrapper or i.wrapper for i in impls):  # a test's recorder, or wrappers: one call
+            targets = [("observers", caller)]
+        else:
+            targets = [(impl.plugin_name, _bound(impl)) for impl in reversed(impls)]  # pluggy's call order
+        failure: ObserverFailed | None = None
+        for plugin, fn in targets:
+            if plugin in record.failed_observers and name != "on_cell_end":
+                continue
+            error = self._attempt(fn, kwargs, retry=not best_effort and plugin not in record.failed_observers)
+            if error is None:
+                continue
+            record.failed_observers.add(plugin)
+            if failure is None and not best_effort:
+                what = name[3:].replace("_", " ")
+                at = f" of epoch {payload['epoch']}" if "epoch" in payload else ""
+                failure = ObserverFailed(
+                    f"observer {plugin!r} could not record the {what}{at} of the cell after "
+                    f"{1 + len(self.retry_delays)} attempts: {type(error).__name__}: {error}"
+                )
+                failure.__cause__ = error
+                failure.detail = "".join(traceback.format_exception(error))  # type: ignore[attr-defined]
+        if failure is not None:
+            raise failure
+
+    def _attempt(self, fn: Callable[..., Any], kwargs: dict[str, Any], retry: bool) -> Exception | None:
+        """Call ``fn``, again after each retry delay while it raises; the last error, or None."""
+        for delay in (*(self.retry_delays if retry else ()), None):
+            try:
+                fn(**kwargs)
+                return None
+            except Exception as exc:
+                if delay is None:
+                    return exc
+                self.sleep(delay)
+        return None
+
+
+def _bound(impl: Any) -> Callable[..., Any]:
+    """A pluggy hook implementation as a function of the hook's keyword arguments (it may take fewer)."""
+    names = tuple(impl.argnames)
+
+    def call(**kwargs: Any) -> Any:
+        return impl.function(*[kwargs[k] for k in names])
+
+    return call

@@ -1,0 +1,380 @@
+"""The ``ray`` executor: every cell a Ray task, as many at a time as the cluster's resources allow.
+
+The driver (the ``harness run`` process) submits one streaming-generator task per cell with
+``num_gpus = gpus_per_cell`` and ``num_cpus = cpus_per_cell``. In the worker the cell runs in a
+thread and its lifecycle calls become :class:`harness.events.CellEvent` values that the task
+yields as they happen; the driver hands them to the observers (:class:`harness.events.Delivery`)
+while the other cells go on, so tracking, the summary files and the progress display live in
+the driver alone, and a worker never imports MLflow.
+
+Faults: a worker that dies (killed, out of memory, its node lost) has its cell submitted again,
+up to ``max_retries`` times; the cell continues from its last checkpoint. Past that the cell is
+FAILED with "worker died: ...". Ctrl-C cancels the running cells (KILLED, checkpoints kept).
+
+Ray is started on loopback only when the harness starts it (no address): every server of the
+instance listens on 127.0.0.1, Ray's token authentication is on (Ray's default for local
+instances), and there is no dashboard unless ``dashboard = true``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness.errors import ConfigError, HarnessError
+from harness.events import CellEvent, CellResult, Delivery, EventSender, ObserverFailed, checkpoint_done
+from harness.executor import CellJob, CellsInterrupted
+from harness.matrix import ExecutionConfig
+
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+"""Set to 0 before Ray is imported, Ray's node address is 127.0.0.1 and its servers bind there only."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs besides the cell (plain values: it travels with every task)."""
+
+    plugins: Any  # harness.registry.PluginSettings: the worker loads the driver's plugins
+    checkpoint_dir: str | None
+    threads: int  # torch threads of the cell: its cpus_per_cell
+    batch_interval: float = 0.25  # seconds between two batch progress events of a cell
+
+
+@dataclass(frozen=True)
+class WorkerReport:
+    """Sent by the task before the cell's end: where it ran and what that process imported."""
+
+    host: str
+    pid: int
+    node_id: str
+    mlflow_imported: bool
+
+
+class _Done:
+    pass
+
+
+def cell_task(cell: Any, spec: WorkerSpec) -> Iterator[Any]:
+    """The body of a cell's Ray task: yields the cell's events, then a :class:`WorkerReport`
+    just before the cell's ``on_cell_end`` event, which is the last item."""
+    import ray
+
+    facts = {"worker_host": socket.gethostname(), "worker_pid": os.getpid(), "worker_node": ray.get_runtime_context().get_node_id()}
+    events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    done = _Done()
+    thread = threading.Thread(target=_work, args=(cell, spec, events.put, facts, done), name=f"cell-{cell.id}", daemon=True)
+    thread.start()
+    end = None
+    while (item := events.get()) is not done:
+        if isinstance(item, CellEvent) and item.name == "on_cell_end":
+            end = item  # sent last, after the report
+            continue
+        yield item
+    thread.join()
+    yield WorkerReport(facts["worker_host"], facts["worker_pid"], facts["worker_node"], "mlflow" in sys.modules)
+    yield end
+
+
+def _work(cell: Any, spec: WorkerSpec, send: Any, facts: dict[str, Any], done: _Done) -> None:
+    sender = EventSender(send, spec.batch_interval, extra_info=facts)
+    try:
+        import torch
+
+        from harness.registry import build_registry
+        from harness.runner import run_cell
+
+        torch.set_num_threads(spec.threads)
+        try:
+            registry = build_registry(spec.plugins.plugin_manager())
+            missing_plugins(cell, registry)
+        except Exception as exc:
+            sender.on_cell_end(cell=cell, result=_failed_result(cell, exc, traceback.format_exc()))
+            return
+        ckpt = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
+        run_cell(cell, registry, sender, checkpoint_dir=ckpt, remove_checkpoint=False)
+    except BaseException as exc:  # noqa: BLE001 - whatever happens, the driver hears of it
+        sender.on_cell_end(cell=cell, result=_failed_result(cell, exc, traceback.format_exc()))
+    finally:
+        send(done)
+
+
+def node_probe(cells: list[Any], plugins: Any, probe: str, token: str) -> tuple[str, list[str]]:
+    """Run on one node before the first cell: ``(host, problems)``. Loads the node's plugins and
+    each data set the cells need, and reads the driver's probe file in the checkpoint directory."""
+    from harness.registry import build_registry
+    from harness.session import check_data
+
+    host, problems = socket.gethostname(), []
+    try:
+        text = Path(probe).read_text()
+        if text != token:
+            problems.append(f"the checkpoint directory {Path(probe).parent} holds another run's probe file: not the driver's directory")
+    except OSError as exc:
+        problems.append(f"cannot read the checkpoint directory the driver wrote ({Path(probe).parent}): {exc.strerror or exc}")
+    try:
+        registry = build_registry(plugins.plugin_manager())
+        for cell in cells:
+            missing_plugins(cell, registry)
+        check_data(_Cells(cells), registry)
+    except Exception as exc:
+        problems.append(str(exc))
+    return host, problems
+
+
+@dataclass(frozen=True)
+class _Cells:
+    cells: list[Any]
+
+
+def missing_plugins(cell: Any, registry: Any) -> None:
+    """:raises HarnessError: a component the cell names has no plugin in this process (e.g. a
+    plugin package installed on the driver's machine but not on this node)."""
+    from harness.errors import UnknownNameError
+
+    cfg = cell.config
+    for kind in ("normalizer", "threshold", "trainer", "loss", "model", "dataset"):
+        name = getattr(cfg, kind).name
+        try:
+            registry.info(kind, name)
+        except UnknownNameError as exc:
+            raise HarnessError(
+                f"cell [{cell.label}] needs {kind} {name!r}, which no plugin provides on node {socket.gethostname()} "
+                f"({exc}). Install the plugin's package on every node of the cluster, in the same environment as the harness"
+            ) from None
+
+
+def _failed_result(cell: Any, exc: BaseException, text: str, **kw: Any) -> CellResult:
+    return CellResult(cell.id, cell.label, "failed", error=text, error_type=type(exc).__name__, **kw)
+
+
+@dataclass
+class _Running:
+    cell: Any
+    attempt: int
+    started: float
+    report: WorkerReport | None = None
+
+
+class RayExecutor:
+    """Runs cells as Ray tasks; see the module's docstring."""
+
+    in_process = False
+
+    def __init__(self, config: ExecutionConfig, *, verbose: bool = False, retry_delays: tuple[float, ...] = (1.0, 2.0, 4.0),
+                 stream: Any = None) -> None:
+        self.config = config
+        self.verbose = verbose
+        self.retry_delays = retry_delays
+        self.stream = stream or sys.stderr
+        self.owns_ray = False
+        self.reports: dict[str, WorkerReport] = {}  # cell id -> where its last attempt ran
+        self.attempts: dict[str, int] = {}  # cell id -> attempts made
+
+    # -- the Ray instance ---------------------------------------------------------------------
+    def start(self) -> None:
+        """Join the cluster at ``address``, or start a local instance on loopback (or use the one
+        this process already joined)."""
+        if self.config.address is None:
+            os.environ.setdefault(LOOPBACK_ENV, "0")
+        import ray
+
+        if ray.is_initialized():
+            return
+        quiet = {"logging_level": "INFO" if self.verbose else "ERROR", "log_to_driver": self.verbose}
+        try:
+            if self.config.address is not None:
+                ray.init(address=self.config.address, **quiet)
+            else:
+                ray.init(include_dashboard=self.config.dashboard, dashboard_host="127.0.0.1", **quiet)
+                self.owns_ray = True
+        except ConnectionError as exc:
+            raise HarnessError(
+                f"cannot join the Ray cluster at {self.config.address!r} ({exc}). Start it first (`ray start --head` on the "
+                "head node, `ray start --address=<head>:6379` on the others), with the same RAY_AUTH_MODE and token on every "
+                "node and here"
+            ) from None
+
+    def close(self) -> None:
+        """Stop the local instance this executor started (a joined cluster stays up)."""
+        import ray
+
+        if self.owns_ray and ray.is_initialized():
+            ray.shutdown()
+        self.owns_ray = False
+
+    def resources(self) -> tuple[int, float]:
+        """``(cpus_per_cell, gpus_per_cell)``: the configured ones, or one cell per GPU where the
+        cluster has GPUs (with its share of the CPUs), else one CPU per cell."""
+        import ray
+
+        total = ray.cluster_resources()
+        gpus_total, cpus_total = float(total.get("GPU", 0)), float(total.get("CPU", 1))
+        gpus = self.config.gpus_per_cell
+        if gpus is None:
+            gpus = 1.0 if gpus_total > 0 else 0.0
+        cpus = self.config.cpus_per_cell
+        if cpus is None:
+            cpus = max(1, int(cpus_total // gpus_total)) if gpus_total > 0 and gpus > 0 else 1
+        if gpus > gpus_total:
+            raise ConfigError(f"execution gpus_per_cell = {gpus}, but the Ray cluster has {gpus_total:g} GPU(s)")
+        if cpus > cpus_total:
+            raise ConfigError(f"execution cpus_per_cell = {cpus}, but the Ray cluster has {cpus_total:g} CPU(s)")
+        return cpus, gpus
+
+    # -- before the first cell ----------------------------------------------------------------
+    def preflight(self, matrix: Any, registry: Any, checkpoint_dir: Path) -> None:
+        """Check on every node that can run a cell what the cells will need there: the plugins,
+        every data set (loaded once, as the serial preflight does), and that the checkpoint
+        directory the driver writes is the one the node reads (shared storage).
+
+        :raises HarnessError: what failed, on which node, and what to do.
+        """
+        import uuid
+
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.start()
+        cpus, gpus = self.resources()
+        nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= cpus
+                 and n["Resources"].get("GPU", 0) >= gpus]
+        if not nodes:
+            raise HarnessError(f"no node of the Ray cluster has {cpus} CPU(s)" + (f" and {gpus:g} GPU(s)" if gpus else "")
+                               + " free for a cell: lower cpus_per_cell / gpus_per_cell")
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        token = uuid.uuid4().hex
+        probe = checkpoint_dir / f".probe-{token}"
+        probe.write_text(token)
+        probe_task = ray.remote(node_probe)
+        try:
+            futures = [probe_task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+                       .remote(list(matrix.cells), registry.plugins, str(probe), token) for n in nodes]
+            answers = ray.get(futures)
+        finally:
+            probe.unlink(missing_ok=True)
+        problems = [f"  - node {host}: {problem}" for host, found in answers for problem in found]
+        if problems:
+            several = len(nodes) > 1
+            raise HarnessError(
+                f"the preflight failed on {len({h for h, f in answers if f})} of {len(nodes)} node(s):\n" + "\n".join(problems)
+                + ("\nEvery node must read the checkpoints the others write: put the results directory on shared storage, "
+                   "or name a shared directory with `checkpoint_dir` in [execution]" if several and any("checkpoint" in p for p in problems) else "")
+            )
+
+    # -- running cells ----------------------------------------------------------------------
+    def run(self, cells: Sequence[Any], job: CellJob) -> Iterator[CellResult]:
+        import ray
+
+        self.start()
+        cpus, gpus = self.resources()
+        spec = WorkerSpec(plugins=job.registry.plugins, threads=cpus,
+                          checkpoint_dir=str(job.checkpoint_dir) if job.checkpoint_dir is not None else None)
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(cell_task)
+        delivery = Delivery(job.hook, {c.id: c for c in cells}, retry_delays=self.retry_delays)
+        pending = list(cells)
+        running: dict[Any, _Running] = {}
+        limit = self.config.max_concurrent or len(cells)
+        try:
+            while pending or running:
+                while pending and len(running) < limit:
+                    cell = pending.pop(0)
+                    attempt = self.attempts.get(cell.id, 0) + 1
+                    self.attempts[cell.id] = attempt
+                    gen = task.options(name=f"cell {cell.label}"[:100]).remote(cell, spec)
+                    running[gen] = _Running(cell, attempt, time.perf_counter())
+                ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
+                for gen in ready:
+                    state = running[gen]
+                    outcome = self._advance(gen, state, delivery)
+                    if outcome is None:
+                        continue
+                    del running[gen]
+                    if outcome == "retry":
+                        pending.insert(0, state.cell)
+                        continue
+                    yield self._finish(outcome, state, delivery, job)
+        except KeyboardInterrupt:
+            killed = []
+            for gen, state in running.items():
+                ray.cancel(gen, force=True)
+                record = delivery.records[state.cell.id]
+                result = CellResult(state.cell.id, state.cell.label, "killed", metrics=dict(record.metrics),
+                                    epochs_completed=record.last_epoch, duration_s=time.perf_counter() - state.started)
+                self._end(result, delivery)
+                killed.append(result)
+            raise CellsInterrupted(killed) from None
+
+    def _advance(self, gen: Any, state: _Running, delivery: Delivery) -> CellResult | str | None:
+        """Take the next item of a cell's stream: ``None`` while the cell goes on, its result
+        when it ended, ``"retry"`` when its worker died and it is to run again."""
+        import ray
+
+        cell = state.cell
+        try:
+            item = ray.get(next(gen))
+        except StopIteration:
+            return self._died(gen, state, "the task ended without the cell's end", delivery)
+        except ray.exceptions.RayTaskError as exc:  # the task body itself raised (not the cell: run_cell catches)
+            return _failed_result(cell, exc, str(exc), **self._so_far(delivery, cell))
+        except ray.exceptions.RayError as exc:  # the worker process or its node is gone
+            return self._died(gen, state, f"{type(exc).__name__}: {exc}", delivery)
+        if isinstance(item, WorkerReport):
+            state.report = self.reports[cell.id] = item
+            return None
+        if item.name == "on_cell_end":
+            return item.payload["result"]
+        try:
+            delivery.deliver(item)
+        except ObserverFailed as exc:  # e.g. the tracking server stayed away: the cell stops, recorded as failed
+            ray.cancel(gen, force=True)
+            print(f"harness: cell [{cell.label}]: {exc}; the cell is stopped", file=self.stream)
+            result = _failed_result(cell, exc, f"{exc}\n\n{getattr(exc, 'detail', '')}", **self._so_far(delivery, cell))
+            return result
+        return None
+
+    def _died(self, gen: Any, state: _Running, why: str, delivery: Delivery) -> CellResult | str:
+        cell = state.cell
+        retries = self.config.max_retries
+        first = why.strip().splitlines()[0][:300]
+        if state.attempt <= retries:
+            print(f"harness: cell [{cell.label}]: worker died ({first}); running it again from its checkpoint "
+                  f"(retry {state.attempt} of {retries})", file=self.stream)
+            return "retry"
+        tried = f" after {state.attempt} attempt(s)" if retries else ""
+        exc = WorkerDied(f"worker died{tried}: {why}")
+        return CellResult(cell.id, cell.label, "failed", error=str(exc), error_type="WorkerDied", **self._so_far(delivery, cell))
+
+    @staticmethod
+    def _so_far(delivery: Delivery, cell: Any) -> dict[str, Any]:
+        record = delivery.records[cell.id]
+        return {"metrics": dict(record.metrics), "epochs_completed": record.last_epoch}
+
+    def _finish(self, result: CellResult, state: _Running, delivery: Delivery, job: CellJob) -> CellResult:
+        if not result.duration_s:
+            result = dataclasses.replace(result, duration_s=time.perf_counter() - state.started)
+        self._end(result, delivery)
+        if job.checkpoint_dir is not None and checkpoint_done(result):  # recorded: the checkpoint can go
+            from harness import checkpoint
+
+            checkpoint.remove(job.checkpoint_dir / result.cell_id)
+        return result
+
+    def _end(self, result: CellResult, delivery: Delivery) -> None:
+        try:
+            delivery.call(result.cell_id, "on_cell_end", result=result)
+        except ObserverFailed as exc:
+            print(f"harness: cell [{result.label}]: {exc}", file=self.stream)
+
+
+class WorkerDied(HarnessError):
+    """The process running a cell ended without the cell's end (killed, out of memory, node lost)."""

@@ -83,6 +83,24 @@ class EpochShuffle(Sampler[Any]):
         return iter(indices)
 
 
+class EpochSequence(Sampler):
+    """The evaluation order (0, 1, ..., n - 1) as ``(epoch, index)`` pairs, for a
+    :class:`WorkerSeeding` test set: random transforms in persistent test-loading workers then
+    draw, at every epoch, what they drew in an uninterrupted run."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.epoch = size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter([(self.epoch, i) for i in range(self.size)])
+
+
 class WorkerSeeding(Dataset):
     """Reseeds every data-loading worker when an epoch starts, for persistent workers.
 

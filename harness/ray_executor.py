@@ -18,9 +18,11 @@ instances), and there is no dashboard unless ``dashboard = true``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -188,6 +190,7 @@ class RayExecutor:
             os.environ.setdefault(LOOPBACK_ENV, "0")
         import ray
 
+        _quiet_ray_errors(self.verbose)
         if ray.is_initialized():
             return
         quiet = {"logging_level": "INFO" if self.verbose else "ERROR", "log_to_driver": self.verbose}
@@ -334,7 +337,8 @@ class RayExecutor:
         if item.name == "on_cell_end":
             return item.payload["result"]
         try:
-            delivery.deliver(item)
+            with interrupts_deferred():  # Ctrl-C waits until every observer has the event
+                delivery.deliver(item)
         except ObserverFailed as exc:  # e.g. the tracking server stayed away: the cell stops, recorded as failed
             ray.cancel(gen, force=True)
             print(f"harness: cell [{cell.label}]: {exc}; the cell is stopped", file=self.stream)
@@ -371,9 +375,48 @@ class RayExecutor:
 
     def _end(self, result: CellResult, delivery: Delivery) -> None:
         try:
-            delivery.call(result.cell_id, "on_cell_end", result=result)
+            with interrupts_deferred():
+                delivery.call(result.cell_id, "on_cell_end", result=result)
         except ObserverFailed as exc:
             print(f"harness: cell [{result.label}]: {exc}", file=self.stream)
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while the block runs, then raise ``KeyboardInterrupt``: an event
+    is either recorded by every observer or by none (the tracker runs after the progress display,
+    and a cell resumed after an epoch its tracker never got would lose that epoch)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _quiet_ray_errors(verbose: bool) -> None:
+    """Ray prints what it knows of a dead worker to the driver's terminal; the harness reports
+    that itself, in the cell's failure reason and its retry line. Shown with ``--verbose``."""
+    from ray._private import worker
+
+    real = getattr(worker, "_harness_print_to_stdstream", None) or getattr(worker, "print_to_stdstream", None)
+    if real is None:
+        return
+    worker._harness_print_to_stdstream = real
+
+    def printer(data: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+        if verbose or data.get("pid") != "raylet":
+            real(data, *args, **kwargs)
+
+    worker.print_to_stdstream = printer
 
 
 class WorkerDied(HarnessError):

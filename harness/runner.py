@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from harness import checkpoint, devices, parallel
 from harness.config import CellConfig, OptimizerConfig, ScheduleConfig
-from harness.data import DatasetBundle, EpochShuffle, WorkerSeeding, to_sequence, train_subset
+from harness.data import DatasetBundle, EpochSequence, EpochShuffle, WorkerSeeding, to_sequence, train_subset
 from harness.errors import HarnessError
 from harness.events import CellResult, checkpoint_done
 from harness.matrix import Cell
@@ -334,7 +334,7 @@ def _build(cfg: CellConfig, registry: Registry, data: DatasetBundle, device: tor
     return _Parts(model, trainer, loss_fn, optimizer, scheduler, step_optimizer, CellMeters(model, device, cfg.meters))
 
 
-def _loaders(cfg: CellConfig, data: DatasetBundle, train_set: Any, generator: torch.Generator, device: torch.device) -> tuple[DataLoader, DataLoader, EpochShuffle]:
+def _loaders(cfg: CellConfig, data: DatasetBundle, train_set: Any, generator: torch.Generator, device: torch.device) -> tuple[DataLoader, DataLoader, _Epochs]:
     """The training loader (the epoch's order from :class:`EpochShuffle`, this process's shard)
     and the test loader (every process evaluates the whole test set: no collective can then wait
     on a shard's end). Workers, if any, persist across epochs and are reseeded at every epoch
@@ -349,11 +349,27 @@ def _loaders(cfg: CellConfig, data: DatasetBundle, train_set: Any, generator: to
         train_data, batch_size=cfg.batch_size // par.world_size, sampler=sampler, generator=generator,
         num_workers=workers, pin_memory=pin, persistent_workers=persistent,
     )
+    # Persistent test-loading workers are reseeded at every epoch too (random test transforms).
+    test_sampler = EpochSequence(len(data.test)) if persistent else None
+    test_data = WorkerSeeding(data.test, _process_seed(cfg.seed, par.rank) + 1) if persistent else data.test
     test_loader = DataLoader(
-        data.test, batch_size=cfg.eval_batch_size or cfg.batch_size, num_workers=workers, pin_memory=pin,
-        persistent_workers=persistent,
+        test_data, batch_size=cfg.eval_batch_size or cfg.batch_size, sampler=test_sampler, num_workers=workers,
+        pin_memory=pin, persistent_workers=persistent,
     )
-    return train_loader, test_loader, sampler
+    return train_loader, test_loader, _Epochs(sampler, test_sampler)
+
+
+@dataclass
+class _Epochs:
+    """The samplers that are told the epoch (the training order; the test order's worker seeds)."""
+
+    train: EpochShuffle
+    test: EpochSequence | None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.train.set_epoch(epoch)
+        if self.test is not None:
+            self.test.set_epoch(epoch)
 
 
 def _read_checkpoint(ckpt: Path | None, cell_id: str, par: parallel.Parallel) -> tuple[dict[str, Any] | None, str | None]:

@@ -151,7 +151,7 @@ def test_a_cell_resumes_on_the_device_from_a_checkpoint_written_on_the_cpu(reg, 
     cfg = dataclasses.replace(cpu.config, device="cpu", threshold=Component("ots", {**cpu.config.threshold.options, "eval_threshold": eval_threshold}))
     cpu = dataclasses.replace(cpu, config=cfg)
     with pytest.raises(CellInterrupted):
-        run_cell(cpu, reg, StopAtEpoch(2), tmp_path)  # epoch 1's checkpoint stays
+        run_cell(cpu, reg, StopAtEpoch(1), tmp_path)  # told of epoch 1 after its checkpoint: that stays
     assert (tmp_path / cpu.id / "last.pt").exists()
     on_device = dataclasses.replace(cpu, config=dataclasses.replace(cfg, device="meta"))  # same id, same checkpoint
     recorder = Recorder()

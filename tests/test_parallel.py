@@ -246,11 +246,12 @@ def test_an_observer_error_in_one_process_stops_the_cell_in_every_process(tmp_pa
     status, kind, error, epochs = r1["first"]
     assert (status, kind, epochs) == ("failed", "ObserverError", 1)
     assert "an observer failed in another process; stopped at epoch 2" in error
-    # After the last training step the processes still meet at the end of the epoch: both fail it.
+    # After the last training step (the epoch is told after its checkpoint) the processes still
+    # meet after training: both fail it.
     assert r0["last"][:2] == ["failed", "ObserverError"] and "ConnectionError: tracking store is down" in r0["last"][2]
-    assert "every process stopped the cell at the end of epoch 1" in r0["last"][2]
+    assert "every process stopped the cell after training" in r0["last"][2]
     assert r1["last"][:2] == ["failed", "ProcessFailed"]
-    assert "process 0 of 2 failed at the end of epoch 1 (ObserverError: an observer failed" in r1["last"][2]
+    assert "process 0 of 2 failed after training (ObserverError: an observer failed" in r1["last"][2]
     assert r0["after"][0] == r1["after"][0] == "finished"
     assert r0["after"][1:] == r1["after"][1:]  # the same union-batch loss: the collectives paired up
 

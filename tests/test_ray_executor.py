@@ -12,12 +12,14 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 
-from conftest import TINY_DEFAULTS
+from conftest import REPO, TINY_DEFAULTS
 
 pytestmark = pytest.mark.usefixtures("ray_instance")
 
@@ -83,16 +85,18 @@ def harness_run(monkeypatch):
                         lambda **kw: real_pm(extra_plugins=[(SlowTrainers(), "test_slow")], **kw))
     executors = []
 
-    def run(matrix: Path, results: Path, *args: str, log: EventLog | None = None) -> int:
+    def run(matrix: Path, results: Path, *args: str, log: EventLog | None = None, observers: list = ()) -> int:
         from harness import cli
         from harness import ray_executor
 
-        def observers(pm):
+        def register(pm):
             real_observers(pm)
             if log is not None:
                 pm.register(log, "test_event_log")
+            for i, observer in enumerate(observers):
+                pm.register(observer, "test_down" if i == 0 else f"test_observer_{i}")
 
-        monkeypatch.setattr(registry_module, "register_observers", observers)
+        monkeypatch.setattr(registry_module, "register_observers", register)
         real_init = ray_executor.RayExecutor.__init__
 
         def keep(self, *a, **kw):
@@ -131,28 +135,30 @@ seed = [0, 1, 2, 3]
 
 def test_four_cells_two_at_a_time_give_serials_numbers_one_run_each_events_in_order(harness_run, tmp_path):
     matrix = _matrix(tmp_path, FOUR, "ray4", epochs=2, delay=0.4)  # 1.6 s a cell: they overlap
-    assert harness_run(matrix, tmp_path / "serial", "--executor", "serial") == 0
+    (tmp_path / "ref").mkdir()
+    reference = _matrix(tmp_path / "ref", FOUR, "ray4", epochs=2, delay=0.0)  # the delay changes no number
+    assert harness_run(reference, tmp_path / "serial", "--executor", "serial") == 0
     log = EventLog()
     assert harness_run(matrix, tmp_path / "ray", "--executor", "ray", "--jobs", "2", log=log) == 0
 
+    by_label = lambda rows: {r["label"]: {k: v for k, v in _stable(r).items() if k not in ("cell_id", "config_id")}
+                             for r in rows.values()}  # noqa: E731
     serial, ray_rows = _summary(tmp_path / "serial", "ray4"), _summary(tmp_path / "ray", "ray4")
-    assert set(serial) == set(ray_rows) and len(serial) == 4
-    for cid in serial:  # the same numbers to the last digit, at the same thread count
-        assert _stable(ray_rows[cid]) == _stable(serial[cid])
+    assert len(ray_rows) == 4 and by_label(ray_rows) == by_label(serial)  # the same numbers, to the last digit
 
     client, parents, cells = _runs(tmp_path / "ray", "ray4")
     assert len(parents) == 1 and len(cells) == 4  # exactly one run per cell, under one parent
     assert {r.data.tags["mlflow.parentRunId"] for r in cells} == {parents[0].info.run_id}
     assert all(r.info.status == "FINISHED" for r in cells)
     _, _, serial_cells = _runs(tmp_path / "serial", "ray4")
-    by_id = {r.data.tags["harness.cell_id"]: r for r in serial_cells}
+    by_seed = {r.data.tags["harness.cell_label"]: r for r in serial_cells}
     for run in cells:
-        assert _stable(run.data.metrics) == _stable(by_id[run.data.tags["harness.cell_id"]].data.metrics)
+        assert _stable(run.data.metrics) == _stable(by_seed[run.data.tags["harness.cell_label"]].data.metrics)
         assert "pid" in run.data.tags["harness.worker"]  # where it ran
         assert [m.step for m in client.get_metric_history(run.info.run_id, "test_top1")] == [1, 2]
 
     running, most = set(), 0
-    for cid in serial:  # each cell's events in order: start, (epoch start, batches, epoch end) x 2, end
+    for cid in ray_rows:  # each cell's events in order: start, (epoch start, batches, epoch end) x 2, end
         names = [(n, kw.get("epoch")) for c, n, kw in log.events if c == cid and n != "on_batch_end"]
         assert names == [("on_cell_start", None), ("on_epoch_start", 1), ("on_epoch_end", 1),
                          ("on_epoch_start", 2), ("on_epoch_end", 2), ("on_cell_end", None)]
@@ -223,3 +229,124 @@ def test_with_no_retries_a_killed_worker_fails_its_cell_with_worker_died(harness
     _, _, cells = _runs(tmp_path / "ray", "killed")
     assert cells[0].info.status == "FAILED" and cells[0].data.tags["harness.error_type"] == "WorkerDied"
     assert (tmp_path / "ray" / "killed" / "checkpoints" / result.cell_id / "last.pt").exists()  # kept for the next run
+
+
+def _second_cell_running(proc, labels: tuple[str, str], epochs: int, lines: list[str]) -> None:
+    """Read the driver's output until both cells run and the later one has finished epoch 1."""
+    started: list[str] = []
+    for line in proc.stderr:
+        lines.append(line)
+        for label in labels:
+            if f"] {label} (" in line and "started on" in line:
+                started.append(label)
+        if len(started) == 2 and f"[{started[1]}] epoch 1/{epochs}" in line:
+            return
+    raise AssertionError("the driver ended before both cells ran:\n" + "".join(lines))
+
+
+def test_ctrl_c_kills_both_running_cells_and_a_rerun_on_two_nodes_resumes_them(harness_run, tmp_path):
+    """A real driver process: Ctrl-C (SIGINT to its process group, as a terminal sends it) while
+    two cells run; both are KILLED with their checkpoints kept, exit 2. The rerun joins a cluster
+    of two Ray nodes: each node resumes one cell, with the numbers of an uninterrupted run."""
+    body = "[execution]\ncpus_per_cell = 1\n[matrix]\nseed = [0, 1]\n"
+    matrix = _matrix(tmp_path, body, "ctrlc", epochs=8, delay=0.3)
+    (tmp_path / "ref").mkdir()
+    reference = _matrix(tmp_path / "ref", body, "ctrlc", epochs=8, delay=0.0)  # the delay changes no number
+    assert harness_run(reference, tmp_path / "serial", "--executor", "serial") == 0
+
+    driver = [sys.executable, str(REPO / "tests" / "ray_driver.py")]
+    results = tmp_path / "ray"
+    args = ["-m", str(matrix), "--results", str(results), "--executor", "ray"]
+    proc = subprocess.Popen([*driver, *args], stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp_path)
+    lines: list[str] = []
+    try:
+        _second_cell_running(proc, ("seed=0", "seed=1"), 8, lines)
+        os.killpg(proc.pid, signal.SIGINT)
+        lines.append(proc.stderr.read())
+        assert proc.wait(timeout=60) == 2, "".join(lines)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines)
+    assert "2 killed" in out and "(interrupted)" in out and "Traceback" not in out
+    _, _, cells = _runs(results, "ctrlc")
+    assert sorted(r.info.status for r in cells) == ["KILLED", "KILLED"]
+    assert len(list((results / "ctrlc" / "checkpoints").glob("*/last.pt"))) == 2  # both kept
+
+    rerun = subprocess.run([*driver, "--two-nodes", *args], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    client, parents, cells = _runs(results, "ctrlc")
+    assert len(cells) == 2 and len(parents) == 2  # the same two cell runs went on, under the rerun's parent
+    assert all(r.info.status == "FINISHED" and int(r.data.tags["harness.resumed_from_epoch"]) >= 1 for r in cells)
+    nodes = {r.data.tags["harness.worker"].split(" node ")[1] for r in cells}
+    assert len(nodes) == 2  # one cell on each node
+    expected = {r.data.tags["harness.cell_label"]: _stable(r.data.metrics) for r in _runs(tmp_path / "serial", "ctrlc")[2]}
+    assert {r.data.tags["harness.cell_label"]: _stable(r.data.metrics) for r in cells} == expected
+    for run in cells:  # every epoch once, across the two driver processes
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_top1")] == list(range(1, 9))
+
+
+def test_a_plugin_missing_where_the_cells_run_fails_the_preflight_naming_it(harness_run, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    import harness.registry as registry_module
+
+    real = registry_module.build_registry
+
+    def without_extras(pm):  # the workers load only the entry points: the test's trainer is not there
+        registry = real(pm)
+        registry.plugins = dataclasses.replace(registry.plugins, extra_plugins=())
+        return registry
+
+    monkeypatch.setattr(registry_module, "build_registry", without_extras)
+    matrix = _slow_cell(tmp_path)
+    assert harness_run(matrix, tmp_path / "ray", "--executor", "ray") == 4
+    err = capsys.readouterr().err
+    assert "the preflight failed on 1 of 1 node(s)" in err
+    assert "needs trainer 'slow_bptt', which no plugin provides on node" in err and "Install the plugin's package" in err
+    assert not (tmp_path / "ray" / "mlflow.db").exists() or not _runs(tmp_path / "ray", "killed")[2]  # nothing trained
+
+
+def test_a_node_that_cannot_read_the_drivers_checkpoint_directory_is_named(tmp_path):
+    from harness.ray_executor import node_probe
+    from harness.registry import get_registry
+
+    plugins = get_registry().plugins
+    host, problems = node_probe([], plugins, str(tmp_path / "elsewhere" / ".probe-x"), "x")
+    assert len(problems) == 1 and "cannot read the checkpoint directory the driver wrote" in problems[0]
+    (tmp_path / ".probe-x").write_text("another run's token")
+    assert "holds another run's probe file" in node_probe([], plugins, str(tmp_path / ".probe-x"), "x")[1][0]
+    (tmp_path / ".probe-x").write_text("x")
+    assert node_probe([], plugins, str(tmp_path / ".probe-x"), "x")[1] == []
+
+
+class TrackingDown:
+    """An observer whose store went away for the cell of seed 0 (it raises on that cell's epochs)."""
+
+    from harness import hookimpl
+
+    def __init__(self) -> None:
+        self.attempts: list[int] = []
+
+    @hookimpl
+    def on_epoch_end(self, cell, epoch, metrics):
+        if cell.axes["seed"] == 0:
+            self.attempts.append(epoch)
+            raise ConnectionError("tracking server at http://127.0.0.1:9 refused the connection")
+
+
+def test_an_observer_that_stays_down_fails_its_cell_with_the_reason_and_the_other_cell_goes_on(harness_run, tmp_path):
+    """A tracking server that goes away: the driver retries the write, then fails the cell that
+    could not be recorded (never dropping its metrics silently); the other cell is unaffected."""
+    matrix = _matrix(tmp_path, "[execution]\ncpus_per_cell = 1\n[matrix]\nseed = [0, 1]\n", "down", epochs=2, delay=0.0)
+    down, log = TrackingDown(), EventLog()
+    assert harness_run(matrix, tmp_path / "ray", "--executor", "ray", log=log, observers=[down]) == 1
+    ends = {kw["result"].label: kw["result"] for _, n, kw in log.events if n == "on_cell_end"}
+    assert ends["seed=1"].status == "finished" and ends["seed=1"].epochs_completed == 2
+    failed = ends["seed=0"]
+    assert failed.status == "failed" and failed.error_type == "ObserverFailed"
+    assert "observer 'test_down' could not record the epoch end of epoch 1 of the cell after 2 attempts" in failed.error
+    assert "ConnectionError: tracking server at http://127.0.0.1:9 refused the connection" in failed.error
+    assert down.attempts == [1, 1]  # tried again once (the test's retry delays), then given up
+    _, _, cells = _runs(tmp_path / "ray", "down")
+    assert {r.data.tags["harness.cell_label"]: r.info.status for r in cells} == {"seed=0": "FAILED", "seed=1": "FINISHED"}

@@ -25,6 +25,7 @@ from harness.errors import HarnessError
 
 FORMAT = 1
 FILE = "last.pt"
+TOLD = "told"  # the last epoch the observers heard of: the checkpoint's, unless a kill came in between
 
 
 class CheckpointError(HarnessError):
@@ -106,12 +107,27 @@ def load(directory: Path, cell_id: str) -> dict[str, Any] | None:
     return state
 
 
+def mark_told(directory: Path, epoch: int) -> None:
+    """Note that the observers were told of ``epoch`` (the checkpoint's), after they were."""
+    tmp = directory / f".{TOLD}.{os.getpid()}.tmp"
+    tmp.write_text(str(epoch))
+    os.replace(tmp, directory / TOLD)
+
+
+def told(directory: Path) -> int | None:
+    """The last epoch the observers were told of (:func:`mark_told`), if any."""
+    try:
+        return int((directory / TOLD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def remove(directory: Path) -> None:
     """Delete the cell's checkpoint files (the directory too, when empty)."""
     if not directory.exists():
         return
     for p in directory.iterdir():
-        if p.name == FILE or p.name.startswith(f".{FILE}."):
+        if p.name in (FILE, TOLD) or p.name.startswith((f".{FILE}.", f".{TOLD}.")):
             p.unlink(missing_ok=True)
     try:
         directory.rmdir()

@@ -11,9 +11,12 @@ order per cell.
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,3 +192,25 @@ def _bound(impl: Any) -> Callable[..., Any]:
         return impl.function(*[kwargs[k] for k in names])
 
     return call
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while the block runs, then raise ``KeyboardInterrupt``: an event
+    is recorded by every observer or by none (the tracker runs after the progress display, and a
+    cell resumed after an epoch its tracker never got would lose that epoch). Outside the main
+    thread (a worker's cell) signals do not arrive anyway: the block just runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if caught:
+        raise KeyboardInterrupt

@@ -14,7 +14,9 @@ Three families of hooks:
   answers of all implementations are combined.
 * **Lifecycle hooks** (``on_*``) are broadcasts to observers (MLflow tracking, the progress
   display, the summary writer are all observers). They return nothing and must not change
-  what they are given.
+  what they are given. Observers run in the ``harness run`` process only: a cell that runs in
+  another process (the ``ray`` executor) sends its calls there as events
+  (:mod:`harness.events`), in the same order per cell.
 
 Pluggy lets an implementation accept fewer arguments than the specification, so arguments
 are only ever added to these hooks, never removed or renamed.

@@ -119,13 +119,13 @@ class ExecutionConfig:
         for key in ("max_concurrent", "cpus_per_cell"):
             value = getattr(self, key)
             if value is not None and value < 1:
-                raise ConfigError(f"execution {key} must be at least 1, got {value}")
+                raise ConfigError(f"{key} must be at least 1, got {value}")
         if self.max_retries < 0:
-            raise ConfigError(f"execution max_retries must be 0 or more, got {self.max_retries}")
+            raise ConfigError(f"max_retries must be 0 or more, got {self.max_retries}")
         if self.gpus_per_cell is not None:
             if not 0 <= self.gpus_per_cell <= 1:
                 raise ConfigError(
-                    f"execution gpus_per_cell = {self.gpus_per_cell}: a cell uses at most one GPU (a fraction such as "
+                    f"gpus_per_cell = {self.gpus_per_cell}: a cell uses at most one GPU (a fraction such as "
                     "0.25 lets four cells share one); a cell spanning several GPUs runs under torchrun with the serial executor"
                 )
 

@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import os
 import queue
-import signal
 import socket
 import sys
 import threading
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError, HarnessError
-from harness.events import CellEvent, CellResult, Delivery, EventSender, ObserverFailed, checkpoint_done
+from harness.events import CellEvent, CellResult, Delivery, EventSender, ObserverFailed, checkpoint_done, interrupts_deferred
 from harness.executor import CellJob, CellsInterrupted
 from harness.matrix import ExecutionConfig
 
@@ -133,6 +132,17 @@ def node_probe(cells: list[Any], plugins: Any, probe: str, token: str) -> tuple[
     return host, problems
 
 
+def warm_worker(plugins: Any) -> None:
+    """Start a worker up before the cells (Python, torch, the runner and the plugins imported):
+    run during the probe, so that cells begin on workers that are ready, not one after another."""
+    import importlib
+
+    from harness.registry import build_registry
+
+    importlib.import_module("harness.runner")  # torch and the training loop, imported once per worker
+    build_registry(plugins.plugin_manager())
+
+
 @dataclass(frozen=True)
 class _Cells:
     cells: list[Any]
@@ -215,16 +225,18 @@ class RayExecutor:
             ray.shutdown()
         self.owns_ray = False
 
-    def resources(self) -> tuple[int, float]:
-        """``(cpus_per_cell, gpus_per_cell)``: the configured ones, or one cell per GPU where the
-        cluster has GPUs (with its share of the CPUs), else one CPU per cell."""
+    def resources(self, cell: Any = None) -> tuple[int, float]:
+        """``(cpus_per_cell, gpus_per_cell)`` of ``cell`` (of a GPU cell when None): the
+        configured ones, or one cell per GPU where the cluster has GPUs (with its share of the
+        CPUs; a cell whose device is the CPU takes no GPU), else one CPU per cell."""
         import ray
 
         total = ray.cluster_resources()
         gpus_total, cpus_total = float(total.get("GPU", 0)), float(total.get("CPU", 1))
         gpus = self.config.gpus_per_cell
         if gpus is None:
-            gpus = 1.0 if gpus_total > 0 else 0.0
+            on_cpu = cell is not None and str(cell.config.device).split(":")[0] in ("cpu", "meta")
+            gpus = 1.0 if gpus_total > 0 and not on_cpu else 0.0
         cpus = self.config.cpus_per_cell
         if cpus is None:
             cpus = max(1, int(cpus_total // gpus_total)) if gpus_total > 0 and gpus > 0 else 1
@@ -248,21 +260,32 @@ class RayExecutor:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.start()
-        cpus, gpus = self.resources()
-        nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= cpus
-                 and n["Resources"].get("GPU", 0) >= gpus]
+        needs = {self.resources(cell) for cell in matrix.cells}
+        nodes = [n for n in ray.nodes() if n.get("Alive") and any(
+            n["Resources"].get("CPU", 0) >= cpus and n["Resources"].get("GPU", 0) >= gpus for cpus, gpus in needs)]
         if not nodes:
+            cpus, gpus = min(needs)
             raise HarnessError(f"no node of the Ray cluster has {cpus} CPU(s)" + (f" and {gpus:g} GPU(s)" if gpus else "")
-                               + " free for a cell: lower cpus_per_cell / gpus_per_cell")
+                               + " for a cell: lower cpus_per_cell / gpus_per_cell")
+        checkpoint_dir = checkpoint_dir.resolve()  # the same path on every node: shared storage, mounted alike
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         token = uuid.uuid4().hex
         probe = checkpoint_dir / f".probe-{token}"
         probe.write_text(token)
-        probe_task = ray.remote(node_probe)
+        probe_task, warm_task = ray.remote(node_probe), ray.remote(warm_worker)
+        cpus = min(needs)[0]
+        futures, warming = [], []
         try:
-            futures = [probe_task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                       .remote(list(matrix.cells), registry.plugins, str(probe), token) for n in nodes]
+            for n in nodes:  # the probe, and meanwhile one worker per further cell slot of the node starts up
+                on_node = NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                futures.append(probe_task.options(num_cpus=cpus, scheduling_strategy=on_node)
+                               .remote(list(matrix.cells), registry.plugins, str(probe), token))
+                slots = min(int(n["Resources"].get("CPU", 0) // cpus), self.config.max_concurrent or len(matrix.cells),
+                            len(matrix.cells))
+                warming += [warm_task.options(num_cpus=cpus, scheduling_strategy=on_node).remote(registry.plugins)
+                            for _ in range(slots - 1)]
             answers = ray.get(futures)
+            ray.get(warming)
         finally:
             probe.unlink(missing_ok=True)
         problems = [f"  - node {host}: {problem}" for host, found in answers for problem in found]
@@ -279,10 +302,8 @@ class RayExecutor:
         import ray
 
         self.start()
-        cpus, gpus = self.resources()
-        spec = WorkerSpec(plugins=job.registry.plugins, threads=cpus,
-                          checkpoint_dir=str(job.checkpoint_dir) if job.checkpoint_dir is not None else None)
-        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(cell_task)
+        checkpoints = str(Path(job.checkpoint_dir).resolve()) if job.checkpoint_dir is not None else None
+        task = ray.remote(max_retries=0)(cell_task)
         delivery = Delivery(job.hook, {c.id: c for c in cells}, retry_delays=self.retry_delays)
         pending = list(cells)
         running: dict[Any, _Running] = {}
@@ -293,7 +314,9 @@ class RayExecutor:
                     cell = pending.pop(0)
                     attempt = self.attempts.get(cell.id, 0) + 1
                     self.attempts[cell.id] = attempt
-                    gen = task.options(name=f"cell {cell.label}"[:100]).remote(cell, spec)
+                    cpus, gpus = self.resources(cell)
+                    spec = WorkerSpec(plugins=job.registry.plugins, threads=cpus, checkpoint_dir=checkpoints)
+                    gen = task.options(name=f"cell {cell.label}"[:100], num_cpus=cpus, num_gpus=gpus).remote(cell, spec)
                     running[gen] = _Running(cell, attempt, time.perf_counter())
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
                 for gen in ready:
@@ -305,15 +328,19 @@ class RayExecutor:
                     if outcome == "retry":
                         pending.insert(0, state.cell)
                         continue
-                    yield self._finish(outcome, state, delivery, job)
-        except KeyboardInterrupt:
+                    result, interrupted = self._finish(outcome, state, delivery, job)
+                    yield result
+                    if interrupted:  # Ctrl-C came while the observers recorded the end
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt:  # also thrown in by the session at a yield
             killed = []
             for gen, state in running.items():
                 ray.cancel(gen, force=True)
                 record = delivery.records[state.cell.id]
                 result = CellResult(state.cell.id, state.cell.label, "killed", metrics=dict(record.metrics),
                                     epochs_completed=record.last_epoch, duration_s=time.perf_counter() - state.started)
-                self._end(result, delivery)
+                with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: the others are still recorded
+                    self._end(result, delivery)
                 killed.append(result)
             raise CellsInterrupted(killed) from None
 
@@ -363,15 +390,20 @@ class RayExecutor:
         record = delivery.records[cell.id]
         return {"metrics": dict(record.metrics), "epochs_completed": record.last_epoch}
 
-    def _finish(self, result: CellResult, state: _Running, delivery: Delivery, job: CellJob) -> CellResult:
+    def _finish(self, result: CellResult, state: _Running, delivery: Delivery, job: CellJob) -> tuple[CellResult, bool]:
+        """Record a cell's end; returns the result and whether a Ctrl-C came meanwhile."""
         if not result.duration_s:
             result = dataclasses.replace(result, duration_s=time.perf_counter() - state.started)
-        self._end(result, delivery)
+        interrupted = False
+        try:
+            self._end(result, delivery)
+        except KeyboardInterrupt:
+            interrupted = True
         if job.checkpoint_dir is not None and checkpoint_done(result):  # recorded: the checkpoint can go
             from harness import checkpoint
 
             checkpoint.remove(job.checkpoint_dir / result.cell_id)
-        return result
+        return result, interrupted
 
     def _end(self, result: CellResult, delivery: Delivery) -> None:
         try:
@@ -379,27 +411,6 @@ class RayExecutor:
                 delivery.call(result.cell_id, "on_cell_end", result=result)
         except ObserverFailed as exc:
             print(f"harness: cell [{result.label}]: {exc}", file=self.stream)
-
-
-@contextlib.contextmanager
-def interrupts_deferred() -> Iterator[None]:
-    """Hold Ctrl-C and SIGTERM while the block runs, then raise ``KeyboardInterrupt``: an event
-    is either recorded by every observer or by none (the tracker runs after the progress display,
-    and a cell resumed after an epoch its tracker never got would lose that epoch)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught: list[int] = []
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    for sig in previous:
-        signal.signal(sig, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    if caught:
-        raise KeyboardInterrupt
 
 
 def _quiet_ray_errors(verbose: bool) -> None:

@@ -67,13 +67,19 @@ def run_matrix(
                   preloaded=preloaded if getattr(executor, "in_process", False) else None)
     results: list[Any] = []
     hook.on_matrix_start(run=run)
+    cells = executor.run(run.matrix.cells, job)
     try:
-        for result in executor.run(run.matrix.cells, job):
+        for result in cells:
             results.append(result)
     except KeyboardInterrupt as exc:
         run.interrupted = True
+        if not hasattr(exc, "results"):  # it struck here, between two cells: the executor stops its own
+            try:
+                cells.throw(exc)
+            except KeyboardInterrupt as stopped:
+                exc = stopped
         results.extend(getattr(exc, "results", ()))  # CellsInterrupted carries the killed cells
-        raise
+        raise exc from None
     finally:
         hook.on_matrix_end(run=run, results=results)
     return results

@@ -117,7 +117,7 @@ def test_the_divergence_check_reads_back_once_every_25_steps_and_at_the_end(reg)
         for step in range(1, 31):
             guard.step(step, torch.ones((), device="meta"))
         guard.check()
-    assert [e.site for e in traffic.events] == ["harness/runner.py:check"] * 2
+    assert [e.site for e in traffic.events] == ["harness/engine.py:check"] * 2  # DivergenceGuard.check
 
 
 def test_the_paper_models_with_dropout_and_frame_input_run_on_the_device(reg):

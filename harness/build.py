@@ -1,0 +1,181 @@
+"""Building a cell from its config and the registry: its data set, model, trainer, loss,
+optimizer and learning-rate schedule (:func:`build_cell`), and its data loaders.
+
+Nothing here knows of processes or observers: what data parallelism adds (gradient averaging,
+each process's own random stream) is :class:`harness.engine.Engine`'s.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from harness import devices, parallel
+from harness.config import CellConfig, OptimizerConfig, ScheduleConfig
+from harness.data import DatasetBundle, EpochSequence, EpochShuffle, WorkerSeeding
+from harness.errors import HarnessError
+from harness.meters.cell import CellMeters
+from harness.registry import Registry
+from harness.snn import LayerFactory, LIFNeuron
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return the generator that seeds the data-loading workers
+    (the training order itself is :class:`harness.data.EpochShuffle`'s, from the seed and epoch)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def process_seed(seed: int, rank: int, epoch: int = 0) -> int:
+    """The seed of process ``rank``'s own random stream (augmentations, dropout masks); restarted
+    from ``epoch`` when a checkpoint has no state of this process's."""
+    return seed + 1_000_003 * rank + 7_919 * epoch
+
+
+def seed_process(seed: int, rank: int, generator: torch.Generator, epoch: int = 0) -> None:
+    seed_everything(process_seed(seed, rank, epoch))
+    generator.manual_seed(process_seed(seed, rank, epoch))
+
+
+def resolve_device(name: str) -> torch.device:
+    """The cell's device in this process (:func:`harness.devices.resolve_device`: under data
+    parallelism, this process's own GPU)."""
+    par = parallel.current()
+    return devices.resolve_device(name, par.rank, par.world_size, par.local_rank)
+
+
+def load_dataset(config: CellConfig, registry: Registry) -> DatasetBundle:
+    """The cell's data set; a factory that takes ``time_steps`` gets the cell's T (frame data)."""
+    ds = config.dataset
+    extra = {"time_steps": config.time_steps} if registry.datasets.info(ds.name).takes("time_steps") else {}
+    return registry.datasets[ds.name](**extra, **ds.options)
+
+
+def build_model(config: CellConfig, registry: Registry, data: DatasetBundle) -> nn.Module:
+    """The cell's model from the registry, its normalizers and LIF neurons (with the cell's
+    threshold policy) made by a :class:`harness.snn.LayerFactory`."""
+    norm = config.normalizer
+    norm_info = registry.normalizers.info(norm.name)
+    provided = {"time_steps": config.time_steps, "v_threshold": config.threshold.options.get("theta", 1.0)}
+    norm_extra = {k: v for k, v in provided.items() if norm_info.takes(k)}
+    policy = config.threshold
+    neuron_cfg = config.neuron
+    layers = LayerFactory(
+        normalizer=lambda c: registry.normalizers[norm.name](num_features=c, **norm_extra, **norm.options),
+        neuron=lambda: LIFNeuron(
+            registry.thresholds[policy.name](**policy.options),
+            tau=neuron_cfg.tau,
+            reset=neuron_cfg.reset,
+            surrogate_alpha=neuron_cfg.surrogate_alpha,
+            detach_reset=neuron_cfg.detach_reset,
+        ),
+    )
+    return registry.models[config.model.name](
+        in_channels=data.in_channels,
+        num_classes=data.num_classes,
+        input_size=data.input_size,
+        layers=layers,
+        **config.model.options,
+    )
+
+
+def build_optimizer(params: Any, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    raise HarnessError(f"unknown optimizer {cfg.name!r}; known optimizers: adam, adamw, sgd")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int) -> Any:
+    """Stepped once per epoch."""
+    if cfg.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=cfg.min_lr)
+    if cfg.name == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.name == "constant":
+        return None
+    raise HarnessError(f"unknown lr schedule {cfg.name!r}; known: constant, cosine, step")
+
+
+@dataclass
+class CellParts:
+    """What a cell trains, built from the registry."""
+
+    model: nn.Module
+    trainer: Any
+    loss_fn: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    meters: CellMeters
+    step_optimizer: Any = None  # what the trainer steps: the optimizer, or the engine's gradient-averaging wrapper
+
+    def __post_init__(self) -> None:
+        if self.step_optimizer is None:
+            self.step_optimizer = self.optimizer
+
+
+def build_cell(config: CellConfig, registry: Registry, data: DatasetBundle, device: torch.device | str = "cpu") -> CellParts:
+    """Everything a cell trains, built from ``config`` and ``registry`` for ``data`` (for its
+    shapes and classes), on ``device``: the model (under ``torch.compile`` when ``compile`` is
+    set, in place), the trainer, the loss, the optimizer, the learning-rate schedule and the
+    cell's meters. Draws the initial weights from torch's global random state."""
+    model = build_model(config, registry, data).to(device)
+    if config.compile:  # in place: the module, its state dict and its hooks stay what they were
+        model.compile(dynamic=False)
+    trainer = registry.trainers[config.trainer.name](**config.trainer.options)
+    loss_fn = registry.losses[config.loss.name](**config.loss.options)
+    optimizer = build_optimizer(model.parameters(), config.optimizer)
+    scheduler = build_scheduler(optimizer, config.lr_schedule, config.epochs)
+    return CellParts(model, trainer, loss_fn, optimizer, scheduler, CellMeters(model, torch.device(device), config.meters))
+
+
+@dataclass
+class Loaders:
+    """A cell's data loaders, and the samplers that are told the epoch."""
+
+    train: DataLoader
+    test: DataLoader
+    train_order: EpochShuffle
+    test_order: EpochSequence | None  # with persistent workers: their seeds follow the epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.train_order.set_epoch(epoch)
+        if self.test_order is not None:
+            self.test_order.set_epoch(epoch)
+
+
+def build_loaders(config: CellConfig, data: DatasetBundle, train_set: Any, generator: torch.Generator,
+                  device: torch.device) -> Loaders:
+    """The training loader (the epoch's order from :class:`EpochShuffle`, this process's shard)
+    and the test loader (every process evaluates the whole test set: no collective can then wait
+    on a shard's end). Workers, if any, persist across epochs and are reseeded at every epoch
+    (:class:`WorkerSeeding`, the test set's too), so that a resumed cell draws what an
+    uninterrupted one draws."""
+    par = parallel.current()
+    workers = config.num_workers
+    persistent = workers > 0
+    pin = device.type == "cuda"
+    sampler = EpochShuffle(len(train_set), config.seed, par.rank, par.world_size, with_epoch=persistent)
+    train_data = WorkerSeeding(train_set, process_seed(config.seed, par.rank)) if persistent else train_set
+    train_loader = DataLoader(
+        train_data, batch_size=config.batch_size // par.world_size, sampler=sampler, generator=generator,
+        num_workers=workers, pin_memory=pin, persistent_workers=persistent,
+    )
+    test_sampler = EpochSequence(len(data.test)) if persistent else None
+    test_data = WorkerSeeding(data.test, process_seed(config.seed, par.rank) + 1) if persistent else data.test
+    test_loader = DataLoader(
+        test_data, batch_size=config.eval_batch_size or config.batch_size, sampler=test_sampler, num_workers=workers,
+        pin_memory=pin, persistent_workers=persistent,
+    )
+    return Loaders(train_loader, test_loader, sampler, test_sampler)

@@ -1,0 +1,97 @@
+"""Lifecycle events as values (``harness.events``) and the ``[execution]`` table, without Ray."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+
+from harness import hookimpl
+from harness.errors import ConfigError
+from harness.events import CellEvent, CellResult, Delivery, EventSender, ObserverFailed
+from harness.matrix import ExecutionConfig, load_matrix
+from harness.registry import get_plugin_manager
+
+
+class _Cell:
+    def __init__(self, cid: str) -> None:
+        self.id, self.label = cid, cid
+
+
+def test_the_sender_turns_every_call_into_a_picklable_event_and_thins_batches():
+    sent: list[CellEvent] = []
+    sender = EventSender(sent.append, batch_interval=3600, extra_info={"worker_pid": 7})
+    cell = _Cell("c1")
+    sender.on_cell_start(cell=cell, info={"device": "cpu"})
+    sender.on_epoch_start(cell=cell, epoch=1, num_train_batches=3, num_test_batches=1)
+    for b in (1, 2, 3):
+        sender.on_batch_end(cell=cell, phase="train", batch=b, num_batches=3)
+    sender.on_epoch_end(cell=cell, epoch=1, metrics={"test_top1": 0.5})
+    sender.on_cell_end(cell=cell, result=CellResult("c1", "c1", "finished", {"test_top1": 0.5}, 1))
+    assert [(e.name, e.payload.get("batch")) for e in sent] == [
+        ("on_cell_start", None), ("on_epoch_start", None), ("on_batch_end", 1), ("on_batch_end", 3),  # 2 thinned, the last kept
+        ("on_epoch_end", None), ("on_cell_end", None)]
+    assert sent[0].payload["info"] == {"device": "cpu", "worker_pid": 7}
+    assert pickle.loads(pickle.dumps(sent)) == sent  # plain values: they travel between processes
+
+
+class Observer:
+    def __init__(self, name: str, log: list, fail: int = 0) -> None:
+        self.name, self.log, self.fail = name, log, fail
+
+    @hookimpl
+    def on_epoch_end(self, cell, epoch, metrics):
+        if self.fail:
+            self.fail -= 1
+            raise ConnectionError(f"{self.name} down")
+        self.log.append((self.name, epoch))
+
+    @hookimpl
+    def on_cell_end(self, cell, result):
+        self.log.append((self.name, "end"))
+
+
+def _delivery(*observers, delays=(0.0, 0.0)):
+    pm = get_plugin_manager(autoload=False)
+    for obs in observers:
+        pm.register(obs, obs.name)
+    return Delivery(pm.hook, {"c1": _Cell("c1")}, retry_delays=delays, sleep=lambda s: None)
+
+
+def test_an_observer_that_recovers_is_retried_alone_and_others_are_called_once():
+    log: list = []
+    delivery = _delivery(Observer("a", log), Observer("flaky", log, fail=2), Observer("b", log))
+    delivery.deliver(CellEvent("c1", "on_epoch_end", {"epoch": 1, "metrics": {}}))
+    assert sorted(log) == [("a", 1), ("b", 1), ("flaky", 1)]  # each once: no duplicate rows elsewhere
+    assert [n for n, _ in log] == ["b", "flaky", "a"]  # pluggy's order (last registered first)
+    delivery.deliver(CellEvent("c1", "on_epoch_end", {"epoch": 1, "metrics": {}}))  # a repeated epoch: dropped
+    assert len(log) == 3 and delivery.records["c1"].last_epoch == 1
+
+
+def test_an_observer_that_stays_down_is_named_and_then_gets_only_the_end():
+    log: list = []
+    delivery = _delivery(Observer("a", log), Observer("down", log, fail=99))
+    with pytest.raises(ObserverFailed, match=r"observer 'down' could not record the epoch end of epoch 2 of the cell "
+                       r"after 3 attempts: ConnectionError: down down"):
+        delivery.deliver(CellEvent("c1", "on_epoch_end", {"epoch": 2, "metrics": {}}))
+    assert log == [("a", 2)]
+    delivery.deliver(CellEvent("c1", "on_epoch_end", {"epoch": 3, "metrics": {}}))  # no more epochs for 'down'
+    delivery.call("c1", "on_cell_end", result=CellResult("c1", "c1", "failed"))
+    assert log == [("a", 2), ("a", 3), ("down", "end"), ("a", "end")]
+
+
+def test_the_execution_table_is_checked_and_flags_override_it(write_toml, registry):
+    base = 'name = "x"\n[defaults]\ndataset = "digits"\nmodel = "vgg_small"\nnormalizer = "vanilla_bn"\ntrainer = "bptt"\nepochs = 1\nbatch_size = 8\ntime_steps = 2\n'
+    path = write_toml(base + '[execution]\nexecutor = "ray"\ncpus_per_cell = 1\ngpus_per_cell = 0.25\nmax_retries = 0\n')
+    execution = load_matrix(path, registry).execution
+    assert execution == ExecutionConfig(executor="ray", cpus_per_cell=1, gpus_per_cell=0.25, max_retries=0)
+    assert execution.override(executor="serial", max_concurrent=3, address=None) == ExecutionConfig(
+        executor="serial", cpus_per_cell=1, gpus_per_cell=0.25, max_retries=0, max_concurrent=3)
+    with pytest.raises(ConfigError, match=r"matrix.toml \[execution\]: unknown key 'cpus'; expected one of: executor, address, max_concurrent"):
+        load_matrix(write_toml(base + "[execution]\ncpus = 2\n"), registry)
+    with pytest.raises(ConfigError, match=r"matrix.toml \[execution\]: executor 'rya' is not known \(did you mean 'ray'\?\)"):
+        load_matrix(write_toml(base + '[execution]\nexecutor = "rya"\n'), registry)
+    with pytest.raises(ConfigError, match=r"\[execution\]: gpus_per_cell = 2.0: a cell uses at most one GPU .* runs under torchrun"):
+        load_matrix(write_toml(base + "[execution]\ngpus_per_cell = 2\n"), registry)
+    with pytest.raises(ConfigError, match="max_retries must be 0 or more"):
+        load_matrix(write_toml(base + "[execution]\nmax_retries = -1\n"), registry)

@@ -80,18 +80,25 @@ def test_an_observer_that_stays_down_is_named_and_then_gets_only_the_end():
     assert log == [("a", 2), ("a", 3), ("down", "end"), ("a", "end")]
 
 
-def test_the_execution_table_is_checked_and_flags_override_it(write_toml, registry):
-    base = 'name = "x"\n[defaults]\ndataset = "digits"\nmodel = "vgg_small"\nnormalizer = "vanilla_bn"\ntrainer = "bptt"\nepochs = 1\nbatch_size = 8\ntime_steps = 2\n'
-    path = write_toml(base + '[execution]\nexecutor = "ray"\ncpus_per_cell = 1\ngpus_per_cell = 0.25\nmax_retries = 0\n')
+BASE = ('name = "x"\n[defaults]\ndataset = "digits"\nmodel = "vgg_small"\nnormalizer = "vanilla_bn"\ntrainer = "bptt"\n'
+        'epochs = 1\nbatch_size = 8\ntime_steps = 2\n[execution]\n')
+
+
+def test_the_execution_table_is_read_and_flags_override_it(write_toml, registry):
+    path = write_toml(BASE + 'executor = "ray"\ncpus_per_cell = 1\ngpus_per_cell = 0.25\nmax_retries = 0\n')
     execution = load_matrix(path, registry).execution
     assert execution == ExecutionConfig(executor="ray", cpus_per_cell=1, gpus_per_cell=0.25, max_retries=0)
     assert execution.override(executor="serial", max_concurrent=3, address=None) == ExecutionConfig(
         executor="serial", cpus_per_cell=1, gpus_per_cell=0.25, max_retries=0, max_concurrent=3)
-    with pytest.raises(ConfigError, match=r"matrix.toml \[execution\]: unknown key 'cpus'; expected one of: executor, address, max_concurrent"):
-        load_matrix(write_toml(base + "[execution]\ncpus = 2\n"), registry)
-    with pytest.raises(ConfigError, match=r"matrix.toml \[execution\]: executor 'rya' is not known \(did you mean 'ray'\?\)"):
-        load_matrix(write_toml(base + '[execution]\nexecutor = "rya"\n'), registry)
-    with pytest.raises(ConfigError, match=r"\[execution\]: gpus_per_cell = 2.0: a cell uses at most one GPU .* runs under torchrun"):
-        load_matrix(write_toml(base + "[execution]\ngpus_per_cell = 2\n"), registry)
-    with pytest.raises(ConfigError, match="max_retries must be 0 or more"):
-        load_matrix(write_toml(base + "[execution]\nmax_retries = -1\n"), registry)
+
+
+@pytest.mark.parametrize("table, message", [
+    ("cpus = 2", r"matrix.toml \[execution\]: unknown key 'cpus'; expected one of: executor, address, max_concurrent"),
+    ('executor = "rya"', r"matrix.toml \[execution\]: executor 'rya' is not known \(did you mean 'ray'\?\)"),
+    ("gpus_per_cell = 2", r"\[execution\]: gpus_per_cell = 2.0: a cell uses at most one GPU .* runs under torchrun"),
+    ("max_retries = -1", r"\[execution\]: max_retries must be 0 or more"),
+    ("cpus_per_cell = 0", r"\[execution\]: cpus_per_cell must be at least 1"),
+])
+def test_a_bad_execution_table_names_the_file_and_the_key(write_toml, registry, table, message):
+    with pytest.raises(ConfigError, match=message):
+        load_matrix(write_toml(BASE + table + "\n"), registry)

@@ -27,7 +27,8 @@ The matrix: scikit-learn's digits (1437 training, 360 test images), ``vgg_small`
 T = 4, the online trainer, ``--epochs`` epochs, 4 seeds, on the CPU.
 
 Output: ``<out>/executors.md`` (also printed) and ``<out>/executors.json`` (every sample).
-Example: ``python benchmarks/executors.py --rounds 3 --out results/executors``.
+Example: ``python benchmarks/executors.py --rounds 3 --epochs 50 --out results/executors`` (about half an hour
+on a 2-core machine).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ print(json.dumps({"import_s": t1 - t0, "start_s": t2 - t1, "shutdown_s": t3 - t2
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="rounds of every mode (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=2, help="epochs of each cell (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=50, help="epochs of each cell (default: %(default)s; about a minute a cell on one core)")
     p.add_argument("--jobs", type=int, default=None, help="ray: cells at a time (default: one per core)")
     p.add_argument("--out", type=Path, default=Path("results/executors"), help="output directory (default: %(default)s)")
     return p.parse_args(argv)

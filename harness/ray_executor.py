@@ -316,7 +316,13 @@ class RayExecutor:
                     self.attempts[cell.id] = attempt
                     cpus, gpus = self.resources(cell)
                     spec = WorkerSpec(plugins=job.registry.plugins, threads=cpus, checkpoint_dir=checkpoints)
-                    gen = task.options(name=f"cell {cell.label}"[:100], num_cpus=cpus, num_gpus=gpus).remote(cell, spec)
+                    try:
+                        gen = task.options(name=f"cell {cell.label}"[:100], num_cpus=cpus, num_gpus=gpus).remote(cell, spec)
+                    except (TypeError, ValueError, AttributeError) as exc:  # what pickling raises
+                        raise HarnessError(
+                            f"cannot send cell [{cell.label}] to a Ray worker ({type(exc).__name__}: {exc}): the cell's "
+                            "config and the plugins given as extra_plugins must be picklable"
+                        ) from exc
                     running[gen] = _Running(cell, attempt, time.perf_counter())
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
                 for gen in ready:

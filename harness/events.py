@@ -145,18 +145,13 @@ class Delivery:
         """Call hook ``name`` of every observer for cell ``cell_id``, in the relay's order."""
         record = self.records[cell_id]
         kwargs = {"cell": self.cells[cell_id], **payload}
-        caller = getattr(self.hook, name)
-        impls = caller.get_hookimpls() if hasattr(caller, "get_hookimpls") else None
-        if impls is None or any(i.hookwrapper or i.wrapper for i in impls):  # a test's recorder, or wrappers: one call
-            targets = [("observers", caller)]
-        else:
-            targets = [(impl.plugin_name, _bound(impl)) for impl in reversed(impls)]  # pluggy's call order
         failure: ObserverFailed | None = None
-        for plugin, fn in targets:
-            if plugin in record.failed_observers and name != "on_cell_end":
+        for plugin, fn in _targets(getattr(self.hook, name)):
+            already = plugin in record.failed_observers  # it failed on this cell before: only its end, once
+            if already and name != "on_cell_end":
                 continue
-            error = self._attempt(fn, kwargs, retry=not best_effort and plugin not in record.failed_observers)
-            if error is None:
+            error = self._attempt(fn, kwargs, retry=not best_effort and not already)
+            if error is None or already:
                 continue
             record.failed_observers.add(plugin)
             if failure is None and not best_effort:
@@ -182,6 +177,27 @@ class Delivery:
                     return exc
                 self.sleep(delay)
         return None
+
+
+def call_each(caller: Any, **kwargs: Any) -> list[tuple[str, Exception]]:
+    """Call every implementation of one hook (pluggy's order), each whatever the others do;
+    returns ``(plugin, error)`` for those that raised."""
+    failures = []
+    for plugin, fn in _targets(caller):
+        try:
+            fn(**kwargs)
+        except Exception as exc:
+            failures.append((plugin, exc))
+    return failures
+
+
+def _targets(caller: Any) -> list[tuple[str, Callable[..., Any]]]:
+    """A hook relay's implementations as ``(plugin, function)``, in pluggy's call order; a relay
+    that is not pluggy's (a test's recorder), or one with wrappers, as one call."""
+    impls = caller.get_hookimpls() if hasattr(caller, "get_hookimpls") else None
+    if impls is None or any(i.hookwrapper or i.wrapper for i in impls):
+        return [("observers", caller)]
+    return [(impl.plugin_name, _bound(impl)) for impl in reversed(impls)]
 
 
 def _bound(impl: Any) -> Callable[..., Any]:

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -208,7 +209,8 @@ class RayExecutor:
             if self.config.address is not None:
                 ray.init(address=self.config.address, **quiet)
             else:
-                ray.init(include_dashboard=self.config.dashboard, dashboard_host="127.0.0.1", **quiet)
+                with _terminal_interrupts_ignored():  # Ray's own processes inherit it
+                    ray.init(include_dashboard=self.config.dashboard, dashboard_host="127.0.0.1", **quiet)
                 self.owns_ray = True
         except ConnectionError as exc:
             raise HarnessError(
@@ -308,6 +310,8 @@ class RayExecutor:
         pending = list(cells)
         running: dict[Any, _Running] = {}
         limit = self.config.max_concurrent or len(cells)
+        if cells:
+            print(f"harness: ray: {self._describe(cells, limit)}", file=self.stream)
         try:
             while pending or running:
                 while pending and len(running) < limit:
@@ -349,6 +353,19 @@ class RayExecutor:
                     self._end(result, delivery)
                 killed.append(result)
             raise CellsInterrupted(killed) from None
+
+    def _describe(self, cells: Sequence[Any], limit: int) -> str:
+        """How many cells run at once, with what, on how many nodes."""
+        import ray
+
+        total = ray.cluster_resources()
+        cpus, gpus = self.resources(cells[0])
+        fit = int(total.get("CPU", 0) // cpus)
+        if gpus:
+            fit = min(fit, int(total.get("GPU", 0) // gpus))
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        each = f"{cpus} CPU" + (f" and {gpus:g} GPU" if gpus else "")
+        return f"up to {min(limit, fit, len(cells))} cell(s) at a time, {each} each, on {nodes} node(s)"
 
     def _advance(self, gen: Any, state: _Running, delivery: Delivery) -> CellResult | str | None:
         """Take the next item of a cell's stream: ``None`` while the cell goes on, its result
@@ -417,6 +434,21 @@ class RayExecutor:
                 delivery.call(result.cell_id, "on_cell_end", result=result)
         except ObserverFailed as exc:
             print(f"harness: cell [{result.label}]: {exc}", file=self.stream)
+
+
+@contextlib.contextmanager
+def _terminal_interrupts_ignored() -> Iterator[None]:
+    """Ignore SIGINT while Ray starts its processes: they share the driver's process group, and a
+    Ctrl-C at the terminal, which reaches the whole group, must stop the driver (which cancels the
+    cells and shuts Ray down in order), not kill Ray's servers under it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _quiet_ray_errors(verbose: bool) -> None:

@@ -81,8 +81,21 @@ def run_matrix(
         results.extend(getattr(exc, "results", ()))  # CellsInterrupted carries the killed cells
         raise exc from None
     finally:
-        hook.on_matrix_end(run=run, results=results)
+        _matrix_end(run, hook, results)
     return results
+
+
+def _matrix_end(run: MatrixRun, hook: Any, results: list[Any]) -> None:
+    """``on_matrix_end`` for every observer, whichever fails (a tracking server that went away
+    must not cost the summary files or the final report); a failure is said, not raised: the
+    cells it concerns are already recorded as failed, and the files hold every result."""
+    import sys
+
+    from harness.events import call_each
+
+    for plugin, exc in call_each(hook.on_matrix_end, run=run, results=results):
+        print(f"harness: observer {plugin!r} failed at the end of the matrix ({type(exc).__name__}: {exc}); "
+              f"every cell's results are in {run.output_dir} (summary.csv, history.csv)", file=sys.stderr)
 
 
 class PreloadedData:

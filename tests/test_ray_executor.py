@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -133,13 +134,15 @@ seed = [0, 1, 2, 3]
 """
 
 
-def test_four_cells_two_at_a_time_give_serials_numbers_one_run_each_events_in_order(harness_run, tmp_path):
+def test_four_cells_two_at_a_time_give_serials_numbers_one_run_each_events_in_order(harness_run, tmp_path, capsys):
     matrix = _matrix(tmp_path, FOUR, "ray4", epochs=2, delay=0.4)  # 1.6 s a cell: they overlap
     (tmp_path / "ref").mkdir()
     reference = _matrix(tmp_path / "ref", FOUR, "ray4", epochs=2, delay=0.0)  # the delay changes no number
     assert harness_run(reference, tmp_path / "serial", "--executor", "serial") == 0
     log = EventLog()
+    capsys.readouterr()
     assert harness_run(matrix, tmp_path / "ray", "--executor", "ray", "--jobs", "2", log=log) == 0
+    assert "harness: ray: up to 2 cell(s) at a time, 1 CPU each, on 1 node(s)" in capsys.readouterr().err
 
     by_label = lambda rows: {r["label"]: {k: v for k, v in _stable(r).items() if k not in ("cell_id", "config_id")}
                              for r in rows.values()}  # noqa: E731
@@ -249,9 +252,9 @@ def test_ctrl_c_kills_both_running_cells_and_a_rerun_on_two_nodes_resumes_them(h
     two cells run; both are KILLED with their checkpoints kept, exit 2. The rerun joins a cluster
     of two Ray nodes: each node resumes one cell, with the numbers of an uninterrupted run."""
     body = "[execution]\ncpus_per_cell = 1\n[matrix]\nseed = [0, 1]\n"
-    matrix = _matrix(tmp_path, body, "ctrlc", epochs=8, delay=0.3)
+    matrix = _matrix(tmp_path, body, "ctrlc", epochs=6, delay=0.3)
     (tmp_path / "ref").mkdir()
-    reference = _matrix(tmp_path / "ref", body, "ctrlc", epochs=8, delay=0.0)  # the delay changes no number
+    reference = _matrix(tmp_path / "ref", body, "ctrlc", epochs=6, delay=0.0)  # the delay changes no number
     assert harness_run(reference, tmp_path / "serial", "--executor", "serial") == 0
 
     driver = [sys.executable, str(REPO / "tests" / "ray_driver.py")]
@@ -260,7 +263,7 @@ def test_ctrl_c_kills_both_running_cells_and_a_rerun_on_two_nodes_resumes_them(h
     proc = subprocess.Popen([*driver, *args], stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp_path)
     lines: list[str] = []
     try:
-        _second_cell_running(proc, ("seed=0", "seed=1"), 8, lines)
+        _second_cell_running(proc, ("seed=0", "seed=1"), 6, lines)
         os.killpg(proc.pid, signal.SIGINT)
         lines.append(proc.stderr.read())
         assert proc.wait(timeout=60) == 2, "".join(lines)
@@ -284,7 +287,7 @@ def test_ctrl_c_kills_both_running_cells_and_a_rerun_on_two_nodes_resumes_them(h
     expected = {r.data.tags["harness.cell_label"]: _stable(r.data.metrics) for r in _runs(tmp_path / "serial", "ctrlc")[2]}
     assert {r.data.tags["harness.cell_label"]: _stable(r.data.metrics) for r in cells} == expected
     for run in cells:  # every epoch once, across the two driver processes
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_top1")] == list(range(1, 9))
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_top1")] == list(range(1, 7))
 
 
 def test_a_plugin_missing_where_the_cells_run_fails_the_preflight_naming_it(harness_run, tmp_path, monkeypatch, capsys):
@@ -351,3 +354,62 @@ def test_an_observer_that_stays_down_fails_its_cell_with_the_reason_and_the_othe
     assert down.attempts == [1, 1]  # tried again once (the test's retry delays), then given up
     _, _, cells = _runs(tmp_path / "ray", "down")
     assert {r.data.tags["harness.cell_label"]: r.info.status for r in cells} == {"seed=0": "FAILED", "seed=1": "FINISHED"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_tracking_server_that_goes_away_fails_the_cells_it_cannot_record_with_the_reason(harness_run, tmp_path, monkeypatch, capsys):
+    """A real ``mlflow server`` on 127.0.0.1, stopped while the cells train: the driver retries
+    the writes, then fails every cell it could not record, saying why; the result files keep
+    every epoch the cells finished (nothing dropped silently), and the run ends without a
+    traceback."""
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the MLflow server did not start"
+                time.sleep(0.2)
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the harness's retries, not MLflow's, are under test
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+
+        def stop_server(name, cell, kw):
+            if name == "on_epoch_end" and server.poll() is None:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+
+        matrix = _matrix(tmp_path, "[execution]\ncpus_per_cell = 1\n[matrix]\nseed = [0, 1]\n", "gone", epochs=3, delay=0.2)
+        log = EventLog(stop_server)
+        rc = harness_run(matrix, tmp_path / "results", "--executor", "ray", "--tracking-uri", f"http://127.0.0.1:{port}", log=log)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    ends = [kw["result"] for _, n, kw in log.events if n == "on_cell_end"]
+    assert sorted(r.status for r in ends) == ["failed", "failed"] and {r.error_type for r in ends} == {"ObserverFailed"}
+    assert all("observer 'mlflow_tracking.tracker' could not record the" in r.error for r in ends)
+    assert "; the cell is stopped" in err and "observer 'mlflow_tracking.tracker' failed at the end of the matrix" in err
+    with (tmp_path / "results" / "gone" / "history.csv").open() as fh:  # what the cells finished is kept
+        recorded = {(row["label"], row["epoch"]) for row in csv.DictReader(fh) if row["metric"] == "test_top1"}
+    labels = {r.cell_id: r.label for r in ends}
+    told = {(labels[c], str(kw["epoch"])) for c, n, kw in log.events if n == "on_epoch_end"}
+    assert recorded == told and told  # every epoch the observers were told of is in the files
+    assert {r["status"] for r in _summary(tmp_path / "results", "gone").values()} == {"failed"}

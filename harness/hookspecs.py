@@ -186,7 +186,9 @@ def on_cell_start(cell: Cell, info: dict[str, Any]) -> None:
         checkpoint (the epochs up to it ran in an earlier process); ``checkpoint_discarded`` (the
         reason) when a checkpoint was there but unusable and the cell starts from scratch;
         ``warnings`` (a list of sentences) when the resume could not restore everything (e.g. the
-        random states of GPUs that are not visible now).
+        random states of GPUs that are not visible now); under the ``ray`` executor
+        ``worker_host``, ``worker_pid`` and ``worker_node``. A cell run again after its worker
+        died starts again, without an ``on_cell_end`` in between.
     """
 
 

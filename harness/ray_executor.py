@@ -218,6 +218,10 @@ class RayExecutor:
                 "head node, `ray start --address=<head>:6379` on the others), with the same RAY_AUTH_MODE and token on every "
                 "node and here"
             ) from None
+        except Exception as exc:  # e.g. no space for Ray's session files or object store
+            where = f"join the Ray cluster at {self.config.address!r}" if self.config.address else "start a local Ray instance"
+            raise HarnessError(f"cannot {where} ({type(exc).__name__}: {exc}); --verbose shows Ray's own log, "
+                               "--executor serial runs the cells without Ray") from exc
 
     def close(self) -> None:
         """Stop the local instance this executor started (a joined cluster stays up)."""

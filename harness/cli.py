@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--jobs", "-j", type=int, default=None, metavar="N",
                      help="ray: at most N cells at a time (default: [execution] max_concurrent, else as many as fit)")
     run.add_argument("--address", default=None,
-                     help="ray: join this cluster ('auto', or ray://host:10001) instead of starting a local instance")
+                     help="ray: join this cluster ('auto' on a node of it, or the head's host:6379) instead of starting a local instance")
     run.add_argument("--verbose", "-v", action="store_true", help="show Ray's own log lines")
     run.add_argument("--rerun", action="store_true",
                      help="run cells again that already finished in the tracking store (default: skip them)")

@@ -103,7 +103,7 @@ class ExecutionConfig:
     """
 
     executor: str = "serial"
-    address: str | None = None  # ray: "auto" or "ray://host:10001" joins a cluster; unset starts a local instance
+    address: str | None = None  # ray: "auto" or "<head>:6379" joins a cluster (not ray://); unset starts a local instance
     max_concurrent: int | None = None  # ray: cells in flight at once (default: as many as fit)
     gpus_per_cell: float | None = None  # ray: default 1 where the cluster has GPUs, else 0; fractions share a GPU
     cpus_per_cell: int | None = None  # ray: CPUs (and torch threads) per cell; default 1, or the CPUs per GPU
@@ -122,6 +122,11 @@ class ExecutionConfig:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
         if self.max_retries < 0:
             raise ConfigError(f"max_retries must be 0 or more, got {self.max_retries}")
+        if self.address is not None and self.address.startswith("ray://"):
+            raise ConfigError(
+                f"address {self.address!r}: Ray Client (ray://) cannot stream a cell's events back; run `harness run` on "
+                "a node of the cluster with address = \"auto\" (or the head's <host>:6379)"
+            )
         if self.gpus_per_cell is not None:
             if not 0 <= self.gpus_per_cell <= 1:
                 raise ConfigError(

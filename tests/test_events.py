@@ -98,6 +98,7 @@ def test_the_execution_table_is_read_and_flags_override_it(write_toml, registry)
     ("gpus_per_cell = 2", r"\[execution\]: gpus_per_cell = 2.0: a cell uses at most one GPU .* runs under torchrun"),
     ("max_retries = -1", r"\[execution\]: max_retries must be 0 or more"),
     ("cpus_per_cell = 0", r"\[execution\]: cpus_per_cell must be at least 1"),
+    ('address = "ray://head:10001"', r"\[execution\]: address 'ray://head:10001': Ray Client \(ray://\) cannot stream"),
 ])
 def test_a_bad_execution_table_names_the_file_and_the_key(write_toml, registry, table, message):
     with pytest.raises(ConfigError, match=message):

@@ -413,3 +413,19 @@ def test_a_tracking_server_that_goes_away_fails_the_cells_it_cannot_record_with_
     told = {(labels[c], str(kw["epoch"])) for c, n, kw in log.events if n == "on_epoch_end"}
     assert recorded == told and told  # every epoch the observers were told of is in the files
     assert {r["status"] for r in _summary(tmp_path / "results", "gone").values()} == {"failed"}
+
+
+def test_a_cell_that_raises_is_failed_with_its_traceback_as_under_serial(harness_run, tmp_path):
+    matrix = _matrix(tmp_path, "[execution]\ncpus_per_cell = 1\n", "raises", epochs=1, delay=-1.0)  # sleep(-1) raises
+    log = EventLog()
+    assert harness_run(matrix, tmp_path / "ray", "--executor", "ray", log=log) == 1
+    (result,) = [kw["result"] for _, n, kw in log.events if n == "on_cell_end"]
+    assert result.status == "failed" and result.error_type == "ValueError"
+    assert result.error.startswith("Traceback (most recent call last):") and "sleep length must be non-negative" in result.error
+    assert "in train_batch" in result.error  # the worker's own frames: where it failed
+
+
+def test_the_local_instance_listens_on_loopback_only(ray_instance):
+    """The harness's local instance (and this session's, started the same way) has 127.0.0.1 as
+    its node address, so every Ray server binds there, not on a public interface."""
+    assert [n["NodeManagerAddress"] for n in ray_instance.nodes()] == ["127.0.0.1"]

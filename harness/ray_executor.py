@@ -192,6 +192,8 @@ class RayExecutor:
         self.owns_ray = False
         self.reports: dict[str, WorkerReport] = {}  # cell id -> where its last attempt ran
         self.attempts: dict[str, int] = {}  # cell id -> attempts made
+        if config.address is None:  # before any method imports Ray: its address is read at import
+            os.environ.setdefault(LOOPBACK_ENV, "0")
 
     # -- the Ray instance ---------------------------------------------------------------------
     def start(self) -> None:
@@ -209,6 +211,12 @@ class RayExecutor:
             if self.config.address is not None:
                 ray.init(address=self.config.address, **quiet)
             else:
+                from ray._private import ray_constants
+
+                if getattr(ray_constants, "ENABLE_RAY_CLUSTER", False):  # Ray was imported before the loopback setting
+                    print(f"harness: warning: Ray was imported before the harness could keep its local instance on "
+                          f"127.0.0.1 (set {LOOPBACK_ENV}=0 before importing Ray): it listens on this machine's network "
+                          "address", file=self.stream)
                 with _terminal_interrupts_ignored():  # Ray's own processes inherit it
                     ray.init(include_dashboard=self.config.dashboard, dashboard_host="127.0.0.1", **quiet)
                 self.owns_ray = True

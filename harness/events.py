@@ -104,10 +104,8 @@ class ObserverFailed(Exception):
 class CellRecord:
     """What the driver delivered of one cell so far."""
 
-    started: bool = False
     last_epoch: int = 0  # the last epoch whose on_epoch_end the observers got
     metrics: dict[str, float] = field(default_factory=dict)  # that epoch's metrics
-    info: dict[str, Any] = field(default_factory=dict)  # the latest on_cell_start info
     failed_observers: set[str] = field(default_factory=set)
 
 
@@ -135,8 +133,6 @@ class Delivery:
             return
         if event.name == "on_batch_end" and record.failed_observers:
             return
-        if event.name == "on_cell_start":
-            record.started, record.info = True, dict(event.payload["info"])
         if event.name == "on_epoch_end":
             record.last_epoch, record.metrics = int(event.payload["epoch"]), dict(event.payload["metrics"])
         self.call(event.cell_id, event.name, **event.payload)

@@ -175,7 +175,6 @@ class _Running:
     cell: Any
     attempt: int
     started: float
-    report: WorkerReport | None = None
 
 
 class RayExecutor:
@@ -394,7 +393,7 @@ class RayExecutor:
         except ray.exceptions.RayError as exc:  # the worker process or its node is gone
             return self._died(gen, state, f"{type(exc).__name__}: {exc}", delivery)
         if isinstance(item, WorkerReport):
-            state.report = self.reports[cell.id] = item
+            self.reports[cell.id] = item
             return None
         if item.name == "on_cell_end":
             return item.payload["result"]

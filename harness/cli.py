@@ -7,6 +7,7 @@ Exit codes follow pytest's convention: 0 every cell finished, 1 some cell failed
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import dataclasses
 import enum
@@ -192,18 +193,27 @@ def _run_cells(args: argparse.Namespace, argv: list[str], pm: Any, registry: Any
             if par.is_main:  # one run per results directory: a second one is refused
                 stack.enter_context(ResultsLock(results_dir))
                 check_tracking(tracking_uri)
+                register_observers(pm)  # only process 0 tracks, writes and displays
+
+            def finished_cells() -> list[str]:
+                if not par.is_main or args.rerun:
+                    return []
+                done = {cid for ids in pm.hook.finished_cells(matrix=matrix, tracking_uri=tracking_uri, experiment=experiment) for cid in ids}
+                return [c.id for c in matrix.cells if c.id in done]
+
             if executor.in_process:
                 check_data(matrix, registry, preloaded)
+                finished_ids = finished_cells()
             else:
                 stack.callback(executor.close)
                 probe_dir = MatrixRun(matrix=matrix, results_dir=results_dir, tracking_uri=tracking_uri, experiment=experiment,
                                       checkpoint_root=checkpoint_root).checkpoint_dir
-                executor.preflight(matrix, registry, probe_dir)
-            if par.is_main:
-                register_observers(pm)  # only process 0 tracks, writes and displays
-                if not args.rerun:
-                    done = {cid for ids in pm.hook.finished_cells(matrix=matrix, tracking_uri=tracking_uri, experiment=experiment) for cid in ids}
-                    finished_ids = [c.id for c in matrix.cells if c.id in done]
+                # the tracking store's look-up (seconds: MLflow's imports, a new store's tables) is made
+                # while the executor's preflight waits for its cluster
+                with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="harness-finished-cells") as pool:
+                    lookup = pool.submit(finished_cells)
+                    executor.preflight(matrix, registry, probe_dir)
+                finished_ids = lookup.result()
         except Exception as exc:
             if not par.enabled:
                 raise

@@ -117,6 +117,7 @@ def node_probe(cells: list[Any], plugins: Any, probe: str, token: str) -> tuple[
     from harness.session import check_data
 
     host, problems = socket.gethostname(), []
+    _warm_imports()  # this worker runs a cell next
     try:
         text = Path(probe).read_text()
         if text != token:
@@ -136,12 +137,20 @@ def node_probe(cells: list[Any], plugins: Any, probe: str, token: str) -> tuple[
 def warm_worker(plugins: Any) -> None:
     """Start a worker up before the cells (Python, torch, the runner and the plugins imported):
     run during the probe, so that cells begin on workers that are ready, not one after another."""
-    import importlib
-
     from harness.registry import build_registry
 
-    importlib.import_module("harness.runner")  # torch and the training loop, imported once per worker
+    _warm_imports()
     build_registry(plugins.plugin_manager())
+
+
+def _warm_imports() -> None:
+    """What every cell imports, imported once per worker before the first cell starts: torch and
+    the training loop, and ``torch._dynamo``, which the first optimizer of a process imports
+    (``torch.optim`` guards its constructors with it; seconds of a cell's start otherwise)."""
+    import importlib
+
+    importlib.import_module("harness.runner")
+    importlib.import_module("torch._dynamo")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,12 @@ everything a user waits for: start-up, MLflow, the preflight, the cells, the sum
 * ``serial_all``: ``--executor serial`` at torch's default thread count (every core);
 * ``ray``: ``--executor ray`` with ``cpus_per_cell = 1``: as many cells at a time as there are
   cores (``--jobs`` caps it; 2 on a 2-core machine), one thread each, on a local Ray instance the
-  run starts and stops.
+  run starts and stops;
+* ``split``: the hand-made split Ray replaces: two ``harness run --executor serial`` processes at
+  one thread each, side by side, each on half of the cells (``--only seed=...``) in a results
+  directory of its own. Its cells' durations against ``serial_1``'s show what two cells at once
+  cost on this machine without Ray (shared caches and memory bandwidth): the ceiling of any
+  executor's ratio.
 
 The modes are interleaved: ``--rounds`` rounds run every mode once, the order rotating from round
 to round, so a busy phase of the shared machine slows every mode alike. Ratios (serial_1 / ray,
@@ -48,7 +53,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = ("serial_1", "serial_all", "ray")
+MODES = ("serial_1", "serial_all", "ray", "split")
 CELLS = 4
 
 MATRIX = """
@@ -99,24 +104,31 @@ def harness_command() -> list[str]:
 
 
 def run_mode(mode: str, work: Path, args: argparse.Namespace) -> dict:
-    """One ``harness run`` of the matrix under ``mode``: wall time and the cells' durations."""
+    """One ``harness run`` of the matrix under ``mode`` (two side by side for ``split``): wall
+    time and the cells' durations."""
     execution = "" if mode == "serial_all" else "[execution]\ncpus_per_cell = 1\n"
     matrix = work / f"{mode}.toml"
     matrix.write_text(MATRIX.format(epochs=args.epochs, execution=execution))
-    results = work / f"results-{mode}"
-    shutil.rmtree(results, ignore_errors=True)
-    cmd = [*harness_command(), "run", "--matrix", str(matrix), "--results", str(results),
-           "--executor", "ray" if mode == "ray" else "serial"]
-    if mode == "ray" and args.jobs:
-        cmd += ["--jobs", str(args.jobs)]
+    parts = [["--only", "seed=0", "--only", "seed=1"], ["--only", "seed=2", "--only", "seed=3"]] if mode == "split" else [[]]
     env = {**os.environ, "SNN_HARNESS_DISABLE_PLUGIN_AUTOLOAD": "1"}
+    runs = []
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=work, env=env)
+    for i, only in enumerate(parts):
+        results = work / f"results-{mode}-{i}"
+        shutil.rmtree(results, ignore_errors=True)
+        cmd = [*harness_command(), "run", "--matrix", str(matrix), "--results", str(results),
+               "--executor", "ray" if mode == "ray" else "serial", *only]
+        if mode == "ray" and args.jobs:
+            cmd += ["--jobs", str(args.jobs)]
+        runs.append((results, subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=work, env=env)))
+    errors = [(proc.returncode, err) for _, proc in runs for _, err in [proc.communicate()] if proc.returncode != 0]
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{mode}: harness run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    with (results / "executors" / "summary.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
+    if errors:
+        raise SystemExit(f"{mode}: harness run failed ({errors[0][0]}):\n{errors[0][1][-3000:]}")
+    rows = []
+    for results, _ in runs:
+        with (results / "executors" / "summary.csv").open() as fh:
+            rows += list(csv.DictReader(fh))
     return {"wall_s": wall, "durations_s": [float(r["duration_s"]) for r in rows],
             "test_top1": {r["label"]: float(r["test_top1"]) for r in rows}}
 
@@ -151,13 +163,16 @@ def main(argv: list[str] | None = None) -> int:
     rounds = range(args.rounds)
     ratio_1 = [samples["serial_1"][i]["wall_s"] / samples["ray"][i]["wall_s"] for i in rounds]
     ratio_all = [samples["serial_all"][i]["wall_s"] / samples["ray"][i]["wall_s"] for i in rounds]
+    ratio_split = [samples["serial_1"][i]["wall_s"] / samples["split"][i]["wall_s"] for i in rounds]
+    slowdown = {m: [sum(samples[m][i]["durations_s"]) / sum(samples["serial_1"][i]["durations_s"]) for i in rounds]
+                for m in ("split", "ray")}
     overhead = []
     for i in rounds:
         s1, ray = samples["serial_1"][i], samples["ray"][i]
         fixed = s1["wall_s"] - sum(s1["durations_s"])
         busy = ray["wall_s"] - starts[i]["start_s"] - starts[i]["shutdown_s"] - fixed
         overhead.append((busy - sum(ray["durations_s"]) / slots) * slots / CELLS)
-    same = all(samples[m][i]["test_top1"] == samples["serial_1"][0]["test_top1"] for m in ("serial_1", "ray") for i in rounds)
+    same = all(samples[m][i]["test_top1"] == samples["serial_1"][0]["test_top1"] for m in ("serial_1", "ray", "split") for i in rounds)
 
     def fmt(values: list[float], unit: str = " s", digits: int = 1) -> str:
         med, lo, hi = spread(values)
@@ -180,17 +195,21 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"- `ray` is {fmt(ratio_1, 'x', 2)} as fast as `serial` at one thread (goal >= 1.8x) and "
         f"{fmt(ratio_all, 'x', 2)} as fast as `serial` on all cores (goal > 1x), per round.",
+        f"- Two cells at once, one thread each: each cell takes {fmt(slowdown['split'], 'x', 3)} its time alone "
+        f"in the hand-made `split` (two serial processes, no Ray) and {fmt(slowdown['ray'], 'x', 3)} under `ray`; "
+        f"so no executor of 2 cells at a time beats {2 / statistics.median(slowdown['split']):.2f}x here. "
+        f"`split` is {fmt(ratio_split, 'x', 2)} as fast as `serial` at one thread.",
         f"- Ray's fixed cost: start of a local instance {fmt([s['start_s'] for s in starts])}, shutdown "
         f"{fmt([s['shutdown_s'] for s in starts])}, import {fmt([s['import_s'] for s in starts], digits=2)}.",
         f"- Per-cell overhead of `ray` (a slot's time per cell outside the cell's own duration: worker start, "
         f"scheduling, events): {fmt(overhead)} (goal <= 2 s).",
-        f"- Final test accuracy of every cell identical under `serial_1` and `ray` in every round: {same}.",
+        f"- Final test accuracy of every cell identical under `serial_1`, `ray` and `split` in every round: {same}.",
     ]
     text = "\n".join(lines) + "\n"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "executors.md").write_text(text)
     (args.out / "executors.json").write_text(json.dumps(
-        {"samples": samples, "ray_start": starts, "ratio_serial_1": ratio_1, "ratio_serial_all": ratio_all,
+        {"samples": samples, "ray_start": starts, "ratio_serial_1": ratio_1, "ratio_serial_all": ratio_all, "ratio_split": ratio_split, "cell_slowdown": slowdown,
          "overhead_per_cell_s": overhead, "slots": slots, "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
     print(text)
     return 0 if same else 1

@@ -49,7 +49,17 @@ class CellResult:
     duration_s: float = 0.0
     error: str | None = None  # traceback text of a failed cell
     error_type: str | None = None
+    error_message: str | None = None  # why, in a line or two: "ValueError: Invalid learning rate: -0.1"
     artifacts: dict[str, bytes] = field(default_factory=dict)  # file name -> content (observers store them)
+
+
+def error_message(exc: BaseException, *, lines: int = 2, chars: int = 400) -> str:
+    """What a console line says of a failure: ``"<type>: <message>"``, the message cut to its
+    first ``lines`` non-empty lines and ``chars`` characters (the whole text is in the traceback)."""
+    text = " / ".join([line.strip() for line in str(exc).splitlines() if line.strip()][:lines])
+    if len(text) > chars:
+        text = text[: chars - 3].rstrip() + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def checkpoint_done(result: CellResult) -> bool:

@@ -33,7 +33,7 @@ from harness.config import CellConfig
 from harness.data import DatasetBundle, to_sequence, train_subset
 from harness.engine import DivergedError, DivergenceGuard, Engine, HeldHook, Meetings, ObserverError  # noqa: F401
 from harness.errors import HarnessError
-from harness.events import CellResult, checkpoint_done, interrupts_deferred
+from harness.events import CellResult, checkpoint_done, error_message, interrupts_deferred
 from harness.matrix import Cell
 from harness.meters.cell import CellMeters, model_size
 from harness.registry import Registry
@@ -99,6 +99,7 @@ def _failed(result: CellResult, exc: BaseException) -> None:
     result.status = "failed"
     result.error = traceback.format_exc()
     result.error_type = type(exc).__name__
+    result.error_message = error_message(exc)
 
 
 def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, ckpt: Path | None, preloaded: Any = None) -> None:

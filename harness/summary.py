@@ -20,9 +20,15 @@ METRICS = [
 ]  # fmt: skip
 # Kept in summary.csv (the per-step plots read them) but not in the markdown table.
 CSV_ONLY = re.compile(r"^test_firing_rate_t\d+$")
-MARKDOWN_SKIP = {"label", "run_id", "config_id", "peak_rss_bytes", "train_data_time_s", "synops_ac", "model_size_bytes", "train_firing_rate"}
-TRAIL = ["error_type", "config_id", "run_id"]
+MARKDOWN_SKIP = {"error_type", "label", "run_id", "config_id", "peak_rss_bytes", "train_data_time_s", "synops_ac", "model_size_bytes", "train_firing_rate"}
+TRAIL = ["error_type", "error", "config_id", "run_id"]
 PERCENT = {"test_top1", "best_test_top1", "train_top1"}
+TRACEBACK = "traceback.txt"  # a failed cell's whole traceback, among its files
+
+
+def cell_files(out_dir: Path, cell_id: str) -> Path:
+    """``<results>/<matrix>/cells/<cell id>/``: the files of one cell (its traceback if it failed)."""
+    return out_dir / "cells" / cell_id
 
 
 def row_for(cell_id: str, label: str, status: str, axes: dict[str, Any], metrics: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -142,7 +148,7 @@ def _title(column: str) -> str:
         "test_loss": "test loss",
         "duration_s": "time (s)",
         "epochs_completed": "epochs done",
-        "error_type": "error",
+        "error": "why it failed",
         "test_firing_rate": "test firing rate",
         "test_firing_rate_cv": "rate CV over t",
         "train_saved_bytes_peak": "saved for backward",

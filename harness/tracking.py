@@ -21,15 +21,27 @@ TAG_CELL_LABEL = "harness.cell_label"
 TAG_CONFIG_ID = "harness.config_id"  # the configuration without its seed
 TAG_STATUS = "harness.status"
 TAG_ERROR_TYPE = "harness.error_type"
+TAG_ERROR = "harness.error"  # why a cell failed, in a line or two (the traceback is the run's traceback.txt)
 TAG_AXES = "harness.axes"  # comma-separated axis names of the matrix
 TAG_HOST = "harness.host"
 TAG_PID = "harness.pid"
 TAG_CODE_VERSION = "harness.code_version"
 
 
+# MLflow's INFO lines while it sets up a store ("Creating initial MLflow database tables...",
+# alembic's migrations): noise between the progress display's lines, never news to the user.
+QUIET_LOGGERS = ("mlflow.store.db.utils", "mlflow.store.tracking.sqlalchemy_store", "alembic")
+
+
 def client(uri: str) -> Any:
+    import logging
+
     from mlflow.tracking import MlflowClient
 
+    for name in QUIET_LOGGERS:
+        logger = logging.getLogger(name)
+        if logger.getEffectiveLevel() < logging.WARNING:
+            logger.setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -144,6 +156,7 @@ def report_rows(uri: str, experiment: str, matrix_name: str) -> list[dict[str, A
                 axes,
                 metrics,
                 error_type=tags.get(TAG_ERROR_TYPE, ""),
+                error=tags.get(TAG_ERROR, ""),
                 config_id=tags.get(TAG_CONFIG_ID, ""),
                 run_id=run.info.run_id,
             )

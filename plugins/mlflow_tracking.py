@@ -158,6 +158,8 @@ class MlflowTracker:
         self.client.set_tag(run_id, "harness.duration_s", f"{result.duration_s:.1f}")
         if result.error_type:
             self.client.set_tag(run_id, tracking.TAG_ERROR_TYPE, result.error_type)
+        if result.error_message:
+            self.client.set_tag(run_id, tracking.TAG_ERROR, result.error_message)
         if result.error:
             self.client.log_text(run_id, result.error, "traceback.txt")
         if result.artifacts:

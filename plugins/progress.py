@@ -7,11 +7,19 @@ import time
 from typing import Any
 
 from harness import hookimpl
+from harness.summary import TRACEBACK, cell_files
 
 
 def _fmt_metrics(metrics: dict[str, float]) -> str:
     keys = [("train_loss", "loss {:.4f}"), ("train_top1", "train {:.2%}"), ("test_top1", "test {:.2%}"), ("epoch_time_s", "{:.1f}s")]
     return ", ".join(fmt.format(metrics[k]) for k, fmt in keys if k in metrics)
+
+
+def _why(result: Any) -> str:
+    """A failed cell's reason as a line says it; a killed cell's: that it was interrupted."""
+    if result.status == "killed":
+        return "interrupted (its checkpoint is kept: the next run resumes it)"
+    return result.error_message or result.error_type or "no reason recorded"
 
 
 class ProgressDisplay:
@@ -72,7 +80,10 @@ class ProgressDisplay:
                            + ("  (interrupted)" if run.interrupted else ""))
         for r in results:
             if r.status != "finished":
-                self.console.print(f"  {r.status} [{r.label}]: {r.error_type or ''}", markup=False)
+                self.console.print(f"  {r.status} [{r.label}]: {_why(r)}", markup=False)
+                trace = cell_files(run.output_dir, r.cell_id) / TRACEBACK
+                if r.error and trace.exists():
+                    self.console.print(f"    traceback: {trace}", markup=False)
         self.console.print(f"summary: {run.output_dir / 'summary.md'}")
 
     # -- cell -------------------------------------------------------------------------------
@@ -111,7 +122,10 @@ class ProgressDisplay:
         self.running.discard(cell.id)
         number = self.numbers.setdefault(cell.id, len(self.numbers) + 1)
         acc = result.metrics.get("test_top1")
-        tail = f"test top-1 {acc:.2%}" if acc is not None else (result.error_type or "")
+        if result.status == "failed":
+            tail = _why(result)
+        else:
+            tail = f"test top-1 {acc:.2%}" if acc is not None else (result.error_type or "")
         line = f"[cell {number}/{self.total}] {cell.label}: {result.status}, {tail} ({result.duration_s:.1f}s)"
         if self.progress is not None:
             self._drop_tasks(cell.id)

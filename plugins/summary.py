@@ -3,7 +3,8 @@
 * ``summary.csv`` / ``summary.md`` -- one row per cell, rewritten after every cell (a crash later
   in the matrix loses no finished row), with the comparison over seeds at the top of the ``.md``;
 * ``history.csv`` -- every metric of every epoch (appended, never rewritten);
-* ``cells/<cell id>/`` -- files a cell produced (e.g. membrane-potential histograms);
+* ``cells/<cell id>/`` -- files a cell produced (e.g. membrane-potential histograms), and the
+  ``traceback.txt`` of a cell that failed;
 * ``plots/`` -- accuracy per epoch, firing rate per step, memory against T (at the matrix end).
 """
 
@@ -15,7 +16,7 @@ from typing import Any
 from harness import hookimpl
 from harness.report import append_history, history_rows, read_history, write_plots
 from harness.config import config_id
-from harness.summary import row_for, write_summary
+from harness.summary import TRACEBACK, cell_files, row_for, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,15 @@ class SummaryWriter:
         metrics["epochs_completed"] = result.epochs_completed
         metrics["duration_s"] = round(result.duration_s, 2)
         self.rows.append(row_for(cell.id, cell.label, result.status, cell.axes, metrics, error_type=result.error_type or "",
-                                 config_id=config_id(cell.config)))
+                                 error=result.error_message or "", config_id=config_id(cell.config)))
         self.merged = write_summary(self.run.output_dir, self.rows, title=f"Matrix {self.run.matrix.name}")
-        if result.artifacts:
-            cell_dir = self.run.output_dir / "cells" / cell.id
+        files = dict(result.artifacts)
+        if result.error:
+            files[TRACEBACK] = result.error.encode()
+        if files:
+            cell_dir = cell_files(self.run.output_dir, cell.id)
             cell_dir.mkdir(parents=True, exist_ok=True)
-            for name, content in result.artifacts.items():
+            for name, content in files.items():
                 (cell_dir / name).write_bytes(content)
 
     @hookimpl(tryfirst=True)  # before the tracker, which uploads these files

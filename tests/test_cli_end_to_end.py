@@ -3,7 +3,9 @@ summary files, failure isolation, exit codes, ``report``, ``list`` and ``--dry-r
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import textwrap
 from pathlib import Path
 
@@ -49,8 +51,10 @@ def finished_matrix(tmp_path_factory):
     path = tmp / "e2e.toml"
     path.write_text(textwrap.dedent(MATRIX))
     results = tmp / "results"
-    code = main(["run", "--matrix", str(path), "--results", str(results)])
-    return {"code": code, "path": path, "results": results, "uri": f"sqlite:///{results / 'mlflow.db'}"}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # the console, as a user reads it (the display writes to stderr)
+        code = main(["run", "--matrix", str(path), "--results", str(results)])
+    return {"code": code, "path": path, "results": results, "uri": f"sqlite:///{results / 'mlflow.db'}", "err": err.getvalue()}
 
 
 def _client(uri):
@@ -71,6 +75,28 @@ def test_a_failing_cell_does_not_stop_the_matrix_and_sets_exit_code_1(finished_m
     assert all(r["epochs_completed"] == "2" for r in finished)
     md = (finished_matrix["results"] / "e2e" / "summary.md").read_text()
     assert "| cell | status | optimizer.lr | seed | test top-1 |" in md
+
+
+def test_why_a_cell_failed_is_on_the_console_in_the_files_and_in_mlflow(finished_matrix, capsys):
+    err = finished_matrix["err"]
+    rows = list(csv.DictReader((finished_matrix["results"] / "e2e" / "summary.csv").open()))
+    failed = next(r for r in rows if r["status"] == "failed")
+    reason = failed["error"]
+    assert reason.startswith("DivergedError: diverged at epoch 1, ") and ("not finite" in reason or "loss is" in reason)
+    label = failed["label"]
+    # when the cell ends, and again in the matrix's closing lines, with the traceback's file
+    assert f"] {label}: failed, {reason} (" in err
+    trace = finished_matrix["results"] / "e2e" / "cells" / failed["cell_id"] / "traceback.txt"
+    closing = err[err.index("matrix e2e: 1 failed, 2 finished"):]
+    assert f"  failed [{label}]: {reason}\n    traceback: {trace}\n" in closing
+    assert trace.read_text().startswith("Traceback (most recent call last)") and "DivergedError" in trace.read_text()
+    assert f"| {reason} |" in (finished_matrix["results"] / "e2e" / "summary.md").read_text()
+    run = next(r for r in _client(finished_matrix["uri"]).search_runs(
+        [_client(finished_matrix["uri"]).get_experiment_by_name("snn-harness").experiment_id]) if r.data.tags.get("harness.kind") == "cell" and r.data.tags.get("harness.status") == "failed")
+    assert run.data.tags["harness.error"] == reason
+    # and `report`, from MLflow alone, says it too
+    assert main(["report", "--matrix", str(finished_matrix["path"]), "--results", str(finished_matrix["results"])]) == ExitCode.OK
+    assert f"failed [{label}] {failed['cell_id']}: {reason}" in capsys.readouterr().err
 
 
 def test_mlflow_has_one_parent_and_a_child_per_cell_with_params_metrics_and_tags(finished_matrix, monkeypatch):

@@ -9,14 +9,18 @@ Public API::
 from harness.errors import ConfigError, HarnessError, IncompatibleCellError, PluginError, UnknownNameError
 from harness.hookspecs import hookimpl, hookspec
 from harness.registry import Registry, get_plugin_manager, get_registry
+from harness.validate import Constraint, Length, Range
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
+    "Constraint",
     "HarnessError",
     "IncompatibleCellError",
+    "Length",
     "PluginError",
+    "Range",
     "Registry",
     "UnknownNameError",
     "get_plugin_manager",

@@ -11,7 +11,9 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from harness.validate import Range
 
 COMPONENT_KINDS = ("dataset", "model", "normalizer", "threshold", "trainer", "loss")
 
@@ -28,28 +30,28 @@ class Component:
 class NeuronConfig:
     """LIF neuron (docs/method.md section 1; defaults are the official code's)."""
 
-    tau: float = 2.0  # membrane time constant: decay = 1 - 1/tau
+    tau: Annotated[float, Range(1.0)] = 2.0  # membrane time constant: decay = 1 - 1/tau (in [0, 1) for tau >= 1)
     reset: Literal["soft", "hard"] = "soft"  # soft: u -= s*theta (official code); hard: u = 0 (Eq. 4)
-    surrogate_alpha: float = 4.0  # sigmoid surrogate steepness
+    surrogate_alpha: Annotated[float, Range(0.0, low_open=True)] = 4.0  # sigmoid surrogate steepness
     detach_reset: bool = True  # reset kept out of the graph (official code)
 
 
 @dataclass(frozen=True)
 class OptimizerConfig:
     name: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9  # SGD only
-    weight_decay: float = 5e-4
+    lr: Annotated[float, Range(0.0, low_open=True)] = 0.1
+    momentum: Annotated[float, Range(0.0, 1.0, high_open=True)] = 0.9  # SGD only
+    weight_decay: Annotated[float, Range(0.0)] = 5e-4
     nesterov: bool = False  # SGD only
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW only
+    betas: Annotated[tuple[float, float], Range(0.0, 1.0, high_open=True)] = (0.9, 0.999)  # Adam/AdamW only
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
     name: Literal["cosine", "constant", "step"] = "cosine"  # cosine annealing over all epochs
-    min_lr: float = 0.0  # cosine: the final learning rate
-    step_size: int = 30  # step: epochs between decays
-    gamma: float = 0.1  # step: decay factor
+    min_lr: Annotated[float, Range(0.0)] = 0.0  # cosine: the final learning rate
+    step_size: Annotated[int, Range(1)] = 30  # step: epochs between decays
+    gamma: Annotated[float, Range(0.0, low_open=True)] = 0.1  # step: decay factor
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,13 @@ Schema (every key is checked; errors name the file, the section, the key and wha
     max_concurrent = 8              # ray: cells in flight at once (--jobs)
     max_retries = 2                 # ray: retries of a cell whose worker died, from its checkpoint
     address = "auto"                # ray: join the running cluster (default: start a local instance)
+
+Values are checked against the type hints of :class:`harness.config.CellConfig` and of the plugin
+factories, ``typing.Annotated`` constraints included (:class:`harness.validate.Range`,
+:class:`harness.validate.Length`: a momentum in (0, 1], a positive learning rate, a non-empty
+channel list). On the command line, ``--only key=value`` selects cells and ``--set key=value``
+overrides ``[defaults]`` / ``[options...]``; both take the keys the axes take, read the value as
+TOML (a bare word is a string) and check it as the file's values are checked.
 """
 
 from __future__ import annotations
@@ -70,7 +77,7 @@ from harness.errors import ConfigError, IncompatibleCellError, UnknownNameError,
 
 TOP_KEYS = ("name", "description", "defaults", "matrix", "exclude", "options", "tracking", "execution")
 NESTED = {f.name: f.type for f in dataclasses.fields(CellConfig) if f.name in ("optimizer", "lr_schedule", "neuron")}
-_HINTS = typing.get_type_hints(CellConfig)
+_HINTS = typing.get_type_hints(CellConfig, include_extras=True)
 _DEFAULT_COMPONENTS = {"threshold": "fixed", "loss": "tet"}
 _POSITIVE = ("epochs", "batch_size", "time_steps", "train_subset", "eval_batch_size", "max_train_batches", "max_eval_batches")
 _MODE_WORDS = {"single": "one step at a time", "sequence": "on the whole sequence"}
@@ -175,19 +182,90 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{path}: matrix file not found") from None
+    except IsADirectoryError:
+        found = sorted(p.name for p in path.glob("*.toml"))[:5]
+        raise ConfigError(f"{path} is a directory, not a matrix file" + (
+            f"; its TOML files: {', '.join(found)}" if found else "")) from None
+    except PermissionError:
+        raise ConfigError(f"{path}: the matrix file cannot be read (permission denied)") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text (UTF-8) file, not a matrix: {exc.reason} at byte {exc.start}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def load_matrix(path: str | Path, catalog: Catalog, only: Sequence[str] = ()) -> Matrix:
+def load_matrix(path: str | Path, catalog: Catalog, only: Sequence[str] = (), sets: Sequence[str] = ()) -> Matrix:
     """Read, validate and expand the matrix file at ``path``.
 
     :param only: ``key=value`` filters (``--only``); the same key given twice matches either value.
+        Values are read as TOML and checked against the key's type (``time_steps=four`` is an error).
+    :param sets: ``key=value`` settings (``--set``) over the file's ``[defaults]`` and
+        ``[options...]``, keys as the matrix's axes name them (``epochs``, ``optimizer.lr``,
+        ``options.model.vgg_small.channels``), values read as TOML and checked as the file's are.
     :raises ConfigError: bad file, key, type, option or plugin name (nothing has trained yet).
     :raises IncompatibleCellError: every selected cell is impossible.
     """
     data = read_toml(path)
-    return expand(data, catalog, source=str(path), only=only)
+    if not sets:
+        return expand(data, catalog, source=str(path), only=only)
+    data = apply_sets(data, sets, str(path))
+    try:
+        return expand(data, catalog, source=str(path), only=only)
+    except ConfigError as exc:  # a bad value from --set: say where it came from
+        culprit = next((item for item in sets if _names(str(exc), item.partition("=")[0].strip())), None)
+        if culprit is None:
+            raise
+        raise ConfigError(f"{exc} (from --set {culprit})") from None
+
+
+def _names(message: str, key: str) -> bool:
+    parts = key.split(".")
+    if parts[0] == "options" and len(parts) == 4:
+        return f"option {parts[3]!r} of {parts[1]} {parts[2]!r}" in message
+    return f"key {key!r}" in message or f"axis {key!r}" in message
+
+
+def apply_sets(data: dict[str, Any], sets: Sequence[str], source: str) -> dict[str, Any]:
+    """``data`` with each ``key=value`` of ``sets`` written into ``[defaults]`` (or the plugin's
+    ``[options.<kind>.<plugin>]``); a copy, the file's tables unchanged.
+
+    :raises ConfigError: a malformed item, an unknown key, or a key the ``[matrix]`` varies.
+    """
+    data = copy.deepcopy(data)
+    defaults = data.setdefault("defaults", {})
+    if not isinstance(defaults, dict):
+        return data  # expand() names the problem
+    axes = set(_read_axes(data.get("matrix", {}), source))
+    for item in sets:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set epochs=1")
+        if not _axis_path_ok(key):
+            hint = close_matches(key, [*_axis_paths_hint().split(", ")])
+            raise ConfigError(f"--set {item!r}: unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                              + f"; a key is one of: {_axis_paths_hint()}")
+        if key in axes or (key == "seed" and "seeds" in defaults):
+            where = "[defaults] seeds" if key == "seed" and key not in axes else "[matrix]"
+            raise ConfigError(f"--set {item!r}: {source} varies {key!r} ({where}); --only {key}=<value> "
+                              "selects among its values")
+        value = parse_cli_value(text)
+        parts = key.split(".")
+        if parts[0] == "options":
+            table = data.setdefault("options", {})
+            for part in parts[1:3]:
+                table = table.setdefault(part, {}) if isinstance(table, dict) else table
+            if not isinstance(table, dict):
+                raise ConfigError(f"--set {item!r}: {source} [options.{parts[1]}.{parts[2]}] is not a table")
+            table[parts[3]] = value
+        elif len(parts) == 2:
+            table = defaults.setdefault(parts[0], {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"--set {item!r}: {source} [defaults] key {parts[0]!r} is {table!r}, not a table")
+            table[parts[1]] = value
+        else:
+            defaults[key] = value
+    return data
 
 
 def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequence[str] = ()) -> Matrix:
@@ -220,7 +298,7 @@ def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequenc
                 raise ConfigError(f"{source}: [matrix] axis {key!r}: {exc}") from None
             for value in values:
                 _check_option(info, opt, value, f"{source} [matrix] axis {key!r}")
-    filters = _parse_only(only)
+    filters = _parse_only(only, catalog)
     tracking = validate.build_dataclass(TrackingConfig, data.get("tracking", {}), f"{source} [tracking]")
     try:
         execution = validate.build_dataclass(ExecutionConfig, data.get("execution", {}), f"{source} [execution]")
@@ -259,7 +337,7 @@ def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequenc
         if any(hits):
             excluded += 1
             continue
-        if not all(any(_matches(flat, k, v) for v in values) for k, values in filters.items()):
+        if not all(any(_is(flat, k, v) for v in values) for k, values in filters.items()):
             filtered += 1
             continue
         cid = cell_id(config)
@@ -403,7 +481,7 @@ def _check_option(info: Any, key: str, value: Any, where: str) -> Any:
         )
     try:
         return validate.check(value, opt.annotation)
-    except TypeError as exc:
+    except (TypeError, validate.ConstraintError) as exc:
         raise ConfigError(f"{where}: option {key!r} of {info.kind} {info.name!r}: {exc}") from None
 
 
@@ -449,7 +527,7 @@ def _resolve(
             continue
         try:
             kwargs[key] = validate.check(value, hint)
-        except TypeError as exc:
+        except (TypeError, validate.ConstraintError) as exc:
             raise ConfigError(f"{where(key)}: key {key!r}: {exc}") from None
         if key in _POSITIVE and kwargs[key] is not None and kwargs[key] < 1:
             raise ConfigError(f"{where(key)}: key {key!r} must be at least 1, got {kwargs[key]!r}")
@@ -499,6 +577,12 @@ def _matches(flat: dict[str, Any], path: str, wanted: Any) -> bool:
     return any(_same(value, w) for w in values)
 
 
+def _is(flat: dict[str, Any], path: str, wanted: Any) -> bool:
+    """The cell's value at ``path`` is ``wanted`` (one value: a list is a list, not alternatives)."""
+    value = lookup(flat, path)
+    return value is not _MISSING and _same(value, wanted)
+
+
 def _same(value: Any, wanted: Any) -> bool:
     if isinstance(wanted, str) and not isinstance(value, str):  # --only gives strings
         if isinstance(value, bool):
@@ -511,11 +595,50 @@ def _same(value: Any, wanted: Any) -> bool:
         return value is wanted
     if isinstance(value, tuple):
         value = list(value)
+    if isinstance(wanted, tuple):
+        wanted = list(wanted)
     return value == wanted
 
 
-def _parse_only(only: Sequence[str]) -> dict[str, list[str]]:
-    filters: dict[str, list[str]] = {}
+def parse_cli_value(text: str) -> Any:
+    """A value given on the command line, read as TOML (``4``, ``0.1``, ``true``, ``[8, 16]``,
+    ``"a b"``); a bare word that is not TOML is the string itself (``osr``, ``cpu``)."""
+    text = text.strip()
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def hint_of(path: str, catalog: Catalog) -> Any:
+    """The type hint of an axis path (``time_steps``, ``optimizer.lr``,
+    ``options.model.vgg_small.channels``), or ``Any`` where the path does not fix one."""
+    parts = path.split(".")
+    if len(parts) == 1:
+        return str if path in COMPONENT_KINDS else _HINTS.get(path, Any)
+    if parts[0] == "options" and len(parts) == 4:
+        try:
+            opt = catalog.info(parts[1], parts[2]).options.get(parts[3])
+        except UnknownNameError:
+            return Any
+        return opt.annotation if opt is not None else Any
+    if len(parts) == 2 and parts[0] in NESTED:
+        return typing.get_type_hints(_HINTS[parts[0]], include_extras=True).get(parts[1], Any)
+    return Any  # normalizer.momentum: whichever normalizer the cell has
+
+
+def _typed(text: str, hint: Any) -> Any:
+    value = parse_cli_value(text)
+    if isinstance(value, str) and value.lower() == "none":
+        try:
+            return validate.check(None, hint)
+        except (TypeError, validate.ConstraintError):
+            pass
+    return validate.check(value, hint)
+
+
+def _parse_only(only: Sequence[str], catalog: Catalog) -> dict[str, list[Any]]:
+    filters: dict[str, list[Any]] = {}
     for item in only:
         key, sep, value = item.partition("=")
         key = key.strip()
@@ -523,5 +646,13 @@ def _parse_only(only: Sequence[str]) -> dict[str, list[str]]:
             raise ConfigError(f"--only {item!r}: expected key=value, e.g. --only normalizer=vanilla_bn")
         if not _axis_path_ok(key) and key.split(".")[0] not in COMPONENT_KINDS:
             raise ConfigError(f"--only {item!r}: unknown key {key!r}; a key is one of: {_axis_paths_hint()}")
-        filters.setdefault(key, []).append(value.strip())
+        hint = hint_of(key, catalog)
+        if hint is Any:
+            filters.setdefault(key, []).append(value.strip())  # matched as the cell's value reads
+            continue
+        try:
+            typed = _typed(value, hint)
+        except (TypeError, validate.ConstraintError) as exc:
+            raise ConfigError(f"--only {item!r}: {exc}") from None
+        filters.setdefault(key, []).append(typed)
     return filters

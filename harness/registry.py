@@ -11,6 +11,7 @@ import copy
 import inspect
 import os
 import sys
+import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -256,6 +257,7 @@ class HarnessPluginManager(pluggy.PluginManager):
         super().__init__(hookspecs.PROJECT_NAME)
         self.packages: dict[str, str] = {}  # plugin name -> "distribution version"
         self.settings = PluginSettings()
+        self.broken: dict[str, str] = {}  # plugin name -> why it could not be imported (keep_going only)
 
 
 def get_plugin_manager(
@@ -263,6 +265,7 @@ def get_plugin_manager(
     autoload: bool | None = None,
     blocked: typing.Iterable[str] = (),
     extra_plugins: typing.Iterable[tuple[object, str]] = (),
+    keep_going: bool = False,
 ) -> HarnessPluginManager:
     """A fresh plugin manager with the ``snn_harness`` entry points loaded.
 
@@ -271,6 +274,8 @@ def get_plugin_manager(
         plugins (entry points of the ``snn-harness`` distribution) are loaded.
     :param blocked: plugin names never to load (also ``SNN_HARNESS_BLOCK_PLUGINS=a,b``).
     :param extra_plugins: ``(plugin, name)`` pairs to register besides the entry points (tests).
+    :param keep_going: a plugin whose import raises is left out and recorded in ``pm.broken``
+        (``harness list`` shows it) instead of failing with :class:`PluginError`.
     """
     pm = HarnessPluginManager()
     pm.add_hookspecs(hookspecs)
@@ -281,7 +286,7 @@ def get_plugin_manager(
         pm.set_blocked(name)
     extra_plugins = tuple(extra_plugins)
     pm.settings = PluginSettings(autoload=autoload, blocked=tuple(names), extra_plugins=extra_plugins)
-    _load_entry_points(pm, autoload)
+    _load_entry_points(pm, autoload, keep_going)
     for plugin, name in extra_plugins:
         _register(pm, plugin, name)
     _check_pending(pm)  # a misspelled hook fails at start-up, naming the plugin
@@ -291,7 +296,7 @@ def get_plugin_manager(
     return pm
 
 
-def _load_entry_points(pm: HarnessPluginManager, third_party: bool) -> None:
+def _load_entry_points(pm: HarnessPluginManager, third_party: bool, keep_going: bool = False) -> None:
     from importlib import metadata
 
     seen: set[str] = set()
@@ -318,9 +323,14 @@ def _load_entry_points(pm: HarnessPluginManager, third_party: bool) -> None:
             try:
                 plugin = ep.load()
             except Exception as exc:  # re-raise naming the culprit, like pytest does
+                why = f"{type(exc).__name__}: {exc}"
+                if keep_going:
+                    pm.broken[ep.name] = f"{dist_name} {dist.version} ({ep.value}): {why}"
+                    continue
                 raise PluginError(
-                    f"error importing plugin {ep.name!r} ({ep.value}) from {dist_name} {dist.version}: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"error importing plugin {ep.name!r} ({ep.value}) from {dist_name} {dist.version}: {why}. "
+                    f"Block it with {ENV_BLOCK}={ep.name} (e.g. `{ENV_BLOCK}={ep.name} harness run ...`), or uninstall it "
+                    f"(pip uninstall {dist_name}); `harness list` shows every plugin that loads"
                 ) from exc
             _register(pm, plugin, ep.name, f" from {dist_name} {dist.version}")
             pm.packages[ep.name] = f"{dist_name} {dist.version}"
@@ -395,7 +405,7 @@ def _options_of(
     except (TypeError, ValueError):
         return {}, True, frozenset()
     try:
-        hints = typing.get_type_hints(target)
+        hints = typing.get_type_hints(target, include_extras=True)  # Annotated constraints kept
     except Exception:  # unresolved forward references: no type checks, names still checked
         hints = {}
     options: dict[str, OptionInfo] = {}
@@ -411,6 +421,14 @@ def _options_of(
 
 
 def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Annotated:  # float, in (0, 1]
+        from harness.validate import Constraint
+
+        base, *meta = typing.get_args(annotation)
+        said = [m.describe() for m in meta if isinstance(m, Constraint)]
+        return _type_name(base) + (f" ({', '.join(said)})" if said else "")
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
     if isinstance(annotation, type) and typing.get_origin(annotation) is None:
         return annotation.__name__
     return str(annotation).replace("typing.", "")

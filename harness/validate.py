@@ -1,7 +1,17 @@
 """Type checks for values read from TOML, against type hints. Pure Python, no torch.
 
-``check(value, hint)`` returns the (possibly converted) value or raises ``TypeError`` with
-what was expected; callers add the file and the key to the message.
+``check(value, hint)`` returns the (possibly converted) value or raises ``TypeError`` (wrong
+type) or :class:`ConstraintError` (a ``ValueError``: the right type, a value out of its range)
+with what was expected; callers add the file and the key to the message.
+
+Constraints beyond the type are declared where the option is, with ``typing.Annotated``, by the
+harness's own settings and by plugin factories alike::
+
+    def __init__(self, num_features: int, momentum: Annotated[float, Range(0, 1, low_open=True)] = 0.1): ...
+    def my_model(..., channels: Annotated[list[int], Length(min=1), Range(1)] = [32, 64]): ...
+
+so a bad value is reported when the matrix is loaded (``--dry-run`` included), with the file and
+the key, instead of failing the cell when it is built.
 """
 
 from __future__ import annotations
@@ -11,15 +21,99 @@ import dataclasses
 import inspect
 import types
 import typing
-from typing import Any, Literal, Union
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Union
 
 from harness.errors import ConfigError, close_matches
+
+
+class ConstraintError(ValueError):
+    """A value of the right type that a :class:`Constraint` refuses."""
+
+
+class Constraint:
+    """A condition on a value beyond its type, for ``typing.Annotated`` metadata."""
+
+    def check(self, value: Any) -> None:  # pragma: no cover - the interface
+        """:raises ConstraintError: ``value`` does not satisfy the condition."""
+        raise NotImplementedError
+
+    def describe(self) -> str:  # pragma: no cover - the interface
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Range(Constraint):
+    """A number in ``[low, high]`` (an end is open with ``low_open`` / ``high_open``; ``None``:
+    unbounded). On a list, every item must be in range; ``None`` (an omitted optional) passes."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __post_init__(self) -> None:
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"Range: low {self.low} is above high {self.high}")
+
+    def describe(self) -> str:
+        if self.low is not None and self.high is not None:
+            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'more than' if self.low_open else 'at least'} {self.low:g}"
+        if self.high is not None:
+            return f"{'less than' if self.high_open else 'at most'} {self.high:g}"
+        return "any number"
+
+    def holds(self, v: float) -> bool:
+        if v != v:  # NaN
+            return False
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        return not (self.high is not None and (v >= self.high if self.high_open else v > self.high))
+
+    def check(self, value: Any) -> None:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for v in items:
+            if v is not None and isinstance(v, (int, float)) and not isinstance(v, bool) and not self.holds(v):
+                what = "every item must be" if isinstance(value, (list, tuple)) else "must be"
+                raise ConstraintError(f"{what} {self.describe()}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Length(Constraint):
+    """A list of at least ``min`` (and at most ``max``) items."""
+
+    min: int = 0
+    max: int | None = None
+
+    def describe(self) -> str:
+        if self.max is None:
+            return f"at least {self.min} item{'s' if self.min != 1 else ''}"
+        return f"{self.min} to {self.max} items" if self.min != self.max else f"exactly {self.min} items"
+
+    def check(self, value: Any) -> None:
+        if value is None or not isinstance(value, (list, tuple)):
+            return
+        if len(value) < self.min or (self.max is not None and len(value) > self.max):
+            raise ConstraintError(f"must have {self.describe()}, got {list(value)!r}")
+
+
+def _annotated(hint: Any) -> tuple[Any, list[Constraint]]:
+    """``(base type, constraints)`` of an ``Annotated`` hint; ``(hint, [])`` otherwise."""
+    if typing.get_origin(hint) is Annotated:
+        base, *meta = typing.get_args(hint)
+        return base, [m for m in meta if isinstance(m, Constraint)]
+    return hint, []
 
 
 def describe(hint: Any) -> str:
     """A short human name for a type hint: ``int``, ``float``, ``'soft' or 'hard'``, ``list of int``."""
     if hint is inspect.Parameter.empty or hint is Any:
         return "any value"
+    base, constraints = _annotated(hint)
+    if base is not hint:
+        return f"{describe(base)} ({', '.join(c.describe() for c in constraints)})" if constraints else describe(base)
     origin = typing.get_origin(hint)
     if origin is Literal:
         return " or ".join(repr(a) for a in typing.get_args(hint))
@@ -40,8 +134,18 @@ def describe(hint: Any) -> str:
 
 
 def check(value: Any, hint: Any) -> Any:
-    """Return ``value`` converted to ``hint`` where lossless (int -> float, list -> tuple)."""
+    """Return ``value`` converted to ``hint`` where lossless (int -> float, list -> tuple).
+
+    :raises TypeError: not of the hint's type. :raises ConstraintError: of the type, but refused
+        by a constraint of an ``Annotated`` hint.
+    """
     if hint is inspect.Parameter.empty or hint is Any:
+        return value
+    base, constraints = _annotated(hint)
+    if base is not hint:
+        value = check(value, base)
+        for constraint in constraints:
+            constraint.check(value)
         return value
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -101,7 +205,7 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str, prefix: str = "
     :param where: the file (and section) for error messages, e.g. ``"bench.toml [defaults]"``.
     :param prefix: dotted key prefix for nested tables.
     """
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: key {prefix.rstrip('.') or '(top)'!r} must be a table, got {data!r}")
@@ -126,6 +230,6 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str, prefix: str = "
             continue
         try:
             kwargs[name] = check(data[name], hint)
-        except TypeError as exc:
+        except (TypeError, ConstraintError) as exc:
             raise ConfigError(f"{where}: key {prefix + name!r}: {exc}") from None
     return cls(**kwargs)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harness import hookimpl
+from harness import Range, hookimpl
 from harness.training import SequenceLoss
 
 
@@ -29,7 +31,7 @@ class TETLoss(SequenceLoss):
     ``mse_weight`` (Table 3: 0.05 for static images, 0.001 for DVS data).
     """
 
-    def __init__(self, mse_weight: float = 0.05) -> None:
+    def __init__(self, mse_weight: Annotated[float, Range(0.0, 1.0)] = 0.05) -> None:
         if not 0.0 <= mse_weight <= 1.0:
             raise ValueError(f"mse_weight must be in [0, 1], got {mse_weight}")
         self.mse_weight = mse_weight

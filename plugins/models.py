@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from torch import nn
 
-from harness import hookimpl
+from harness import Length, Range, hookimpl
 from harness.snn import AvgPool, GlobalAvgPool, LayerFactory, SpikingSequential
 
 
@@ -13,7 +15,7 @@ def vgg_small(
     num_classes: int,
     input_size: tuple[int, int],
     layers: LayerFactory,
-    channels: list[int] = [32, 64, 128],  # noqa: B006 - read-only default, shown by `harness list`
+    channels: Annotated[list[int], Length(min=1), Range(1)] = [32, 64, 128],  # noqa: B006 - read-only default, shown by `harness list`
 ) -> SpikingSequential:
     """Small VGG-style SNN: stages of conv3x3 -> normalizer -> LIF, 2x2 average pooling between
     stages, global average pooling and a non-spiking linear readout (logits at every step).

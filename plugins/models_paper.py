@@ -48,13 +48,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from harness import hookimpl
+from harness import Range, hookimpl
 from harness.snn import AvgPool, GlobalAvgPool, LayerFactory, LIFNeuron, SequenceModule, SpikingSequential
+
+Dropout = Annotated[float, Range(0.0, 1.0, high_open=True)]  # a probability of dropping a unit
 
 __all__ = [
     "Residual",
@@ -193,9 +195,9 @@ def vggsnn(
     num_classes: int,
     input_size: tuple[int, int],
     layers: LayerFactory,
-    dropout: float = 0.0,
-    classifier: tuple[int, ...] = (),
-    classifier_dropout: float = 0.5,
+    dropout: Dropout = 0.0,
+    classifier: Annotated[tuple[int, ...], Range(1)] = (),
+    classifier_dropout: Dropout = 0.5,
 ) -> SpikingSequential:
     """VGGSNN: 64C3-128C3-AP2-256C3-256C3-AP2-512C3-512C3-AP2-512C3-512C3-GAP-FC (OTTT's VGG).
 
@@ -265,7 +267,7 @@ def resnet19(
     num_classes: int,
     input_size: tuple[int, int],
     layers: LayerFactory,
-    dropout: float = 0.0,
+    dropout: Dropout = 0.0,
     bias: bool = True,
 ) -> SpikingSequential:
     """ResNet-19 for CIFAR (official ``OnlineSpikingResNet19``; docs/method.md section 8).
@@ -346,7 +348,7 @@ def sew_resnet34(
     num_classes: int,
     input_size: tuple[int, int],
     layers: LayerFactory,
-    dropout: float = 0.0,
+    dropout: Dropout = 0.0,
     bias: bool = True,
     stem: Literal["auto", "imagenet", "cifar"] = "auto",
 ) -> SpikingSequential:
@@ -384,7 +386,7 @@ def nf_resnet34(
     num_classes: int,
     input_size: tuple[int, int],
     layers: LayerFactory,
-    dropout: float = 0.0,
+    dropout: Dropout = 0.0,
     bias: bool = True,
     stem: Literal["auto", "imagenet", "cifar"] = "auto",
 ) -> SpikingSequential:

@@ -9,15 +9,19 @@ numbers of one process with B samples. Single-process results are unchanged, bit
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
 
-from harness import hookimpl
+from harness import Range, hookimpl
 from harness.snn import SequenceModule
 from harness.snn.distributed import batch_norm, is_synchronized, stats_group, synced_moments
 from harness.snn.fused import NormSpec, channel_view, per_step_norm
+
+# Option constraints, checked when a matrix is loaded (harness.validate)
+Eps = Annotated[float, Range(0.0, low_open=True)]
+Momentum = Annotated[float, Range(0.0, 1.0, low_open=True)]  # run += momentum * (new - run)
 
 
 def _inference_affine(
@@ -98,7 +102,7 @@ class VanillaBatchNorm(_StepStatisticsNorm):
     time or on the whole sequence ``[T, B, C, ...]`` (same numbers either way).
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1, affine: bool = True) -> None:
+    def __init__(self, num_features: int, eps: Eps = 1e-5, momentum: Momentum = 0.1, affine: bool = True) -> None:
         super().__init__(num_features, eps, momentum, affine)
 
     def extra_repr(self) -> str:
@@ -165,9 +169,9 @@ class OnlineSpikingRenormalization(_StepStatisticsNorm):
     def __init__(
         self,
         num_features: int,
-        eps: float = 1e-4,
-        momentum: float = 0.1,
-        fallback_ratio: float | Literal["none"] = 20.0,
+        eps: Eps = 1e-4,
+        momentum: Momentum = 0.1,
+        fallback_ratio: Annotated[float, Range(1.0, low_open=True)] | Literal["none"] = 20.0,
         mode: Literal["renorm", "linear"] = "renorm",
         gamma_grad: Literal["paper", "official"] = "paper",
         affine: bool = True,
@@ -251,7 +255,7 @@ class BatchNormThroughTime(SequenceModule):
     SpikingJelly: ``layer.BatchNormThroughTime2d(T, num_features)``.
     """
 
-    def __init__(self, num_features: int, time_steps: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+    def __init__(self, num_features: int, time_steps: int, eps: Eps = 1e-5, momentum: Momentum = 0.1) -> None:
         super().__init__()
         self.num_features, self.steps, self.eps, self.momentum = num_features, time_steps, eps, momentum
         self.weight = nn.Parameter(torch.ones(time_steps, num_features))
@@ -284,7 +288,7 @@ class _WholeSequenceBatchNorm(SequenceModule):
 
     step_modes = frozenset({"sequence"})
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+    def __init__(self, num_features: int, eps: Eps = 1e-5, momentum: Momentum = 0.1) -> None:
         super().__init__()
         self.num_features, self.eps, self.momentum = num_features, eps, momentum
         self.weight = nn.Parameter(torch.ones(num_features))
@@ -309,7 +313,8 @@ class ThresholdDependentBatchNorm(_WholeSequenceBatchNorm):
     SpikingJelly: ``layer.ThresholdDependentBatchNorm2d(alpha, v_th, num_features)``.
     """
 
-    def __init__(self, num_features: int, v_threshold: float = 1.0, alpha: float = 1.0, eps: float = 1e-5, momentum: float = 0.1) -> None:
+    def __init__(self, num_features: int, v_threshold: float = 1.0, alpha: Annotated[float, Range(0.0, low_open=True)] = 1.0,
+                 eps: Eps = 1e-5, momentum: Momentum = 0.1) -> None:
         super().__init__(num_features, eps, momentum)
         self.alpha, self.v_threshold = alpha, v_threshold
         nn.init.constant_(self.weight, alpha * v_threshold)
@@ -325,7 +330,7 @@ class TemporalEffectiveBatchNorm(_WholeSequenceBatchNorm):
     SpikingJelly: ``layer.TemporalEffectiveBatchNorm2d(T, num_features)``.
     """
 
-    def __init__(self, num_features: int, time_steps: int, eps: float = 1e-5, momentum: float = 0.1) -> None:
+    def __init__(self, num_features: int, time_steps: int, eps: Eps = 1e-5, momentum: Momentum = 0.1) -> None:
         super().__init__(num_features, eps, momentum)
         self.scale = nn.Parameter(torch.ones(time_steps))
 

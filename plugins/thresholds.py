@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor
 
-from harness import hookimpl
+from harness import Range, hookimpl
+
+Theta = Annotated[float, Range(0.0, low_open=True)]
 from harness.snn import ThresholdPolicy
 from harness.snn.distributed import is_synchronized, synced_moments
 
@@ -16,7 +18,7 @@ from harness.snn.distributed import is_synchronized, synced_moments
 class FixedThreshold(ThresholdPolicy):
     """A constant firing threshold: ``theta[t] = theta`` for every step (official code: 1.0)."""
 
-    def __init__(self, theta: float = 1.0) -> None:
+    def __init__(self, theta: Theta = 1.0) -> None:
         super().__init__()
         if theta <= 0:
             raise ValueError(f"theta must be positive, got {theta}")
@@ -56,10 +58,10 @@ class OnlineThresholdStabilizer(ThresholdPolicy):
 
     def __init__(
         self,
-        theta: float = 1.0,
+        theta: Theta = 1.0,
         eval_threshold: Literal["dynamic", "running"] = "dynamic",
-        momentum: float = 0.1,
-        min_std: float = 1e-6,
+        momentum: Annotated[float, Range(0.0, 1.0, low_open=True)] = 0.1,
+        min_std: Annotated[float, Range(0.0)] = 1e-6,
     ) -> None:
         super().__init__()
         if theta <= 0:

@@ -3,12 +3,12 @@ online training, Eqs. 6-7, and OTTT), docs/method.md sections 3 and 7."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch import Tensor, nn
 
-from harness import hookimpl
+from harness import Range, hookimpl
 from harness.snn import LIFNeuron, TimeDistributed, begin_sequence, end_sequence, run_sequence, set_step_mode
 from harness.training import BatchResult, SequenceLoss, Trainer, clip_grad_norm, last_backward, predict
 
@@ -22,7 +22,7 @@ class BPTTTrainer(Trainer):
 
     step_modes = frozenset({"sequence"})
 
-    def __init__(self, max_grad_norm: float = 0.0) -> None:
+    def __init__(self, max_grad_norm: Annotated[float, Range(0.0)] = 0.0) -> None:
         self.max_grad_norm = max_grad_norm
 
     def train_batch(
@@ -66,7 +66,7 @@ class OnlineTrainer(Trainer):
         self,
         update: Literal["sequence", "step"] = "sequence",
         gradient: Literal["spatial", "trace"] = "spatial",
-        max_grad_norm: float = 0.0,
+        max_grad_norm: Annotated[float, Range(0.0)] = 0.0,
     ) -> None:
         if update not in ("sequence", "step"):
             raise ValueError(f"update must be 'sequence' or 'step', got {update!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+import typing
 
 import pytest
 import torch
@@ -41,7 +42,9 @@ def test_unknown_name_lists_known_names_and_suggests(registry):
 def test_options_are_read_from_the_factory_signature(registry):
     info = registry.normalizers.info("vanilla_bn")
     assert set(info.options) == {"eps", "momentum", "affine"}  # num_features is injected
-    assert info.options["momentum"].annotation is float
+    momentum = info.options["momentum"].annotation
+    assert typing.get_args(momentum)[0] is float and typing.get_args(momentum)[1].describe() == "in (0, 1]"  # Annotated
+    assert info.options["momentum"].describe() == "momentum: float (in (0, 1]) = 0.1"
     assert info.defaults() == {"eps": 1e-5, "momentum": 0.1, "affine": True}
     assert registry.trainers.info("bptt").step_modes == frozenset({"sequence"})
 
@@ -167,7 +170,7 @@ def test_disable_autoload_values(monkeypatch, value, third_party):
     import harness.registry as reg
 
     seen = {}
-    monkeypatch.setattr(reg, "_load_entry_points", lambda pm, tp: seen.setdefault("third_party", tp))
+    monkeypatch.setattr(reg, "_load_entry_points", lambda pm, tp, keep_going=False: seen.setdefault("third_party", tp))
     monkeypatch.setenv("SNN_HARNESS_DISABLE_PLUGIN_AUTOLOAD", value)
     get_plugin_manager()
     assert seen["third_party"] is third_party

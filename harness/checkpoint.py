@@ -101,10 +101,25 @@ def load(directory: Path, cell_id: str) -> dict[str, Any] | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, garbage, or not a weights-only file
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc})") from exc
+        raise CheckpointError(f"checkpoint {path} cannot be read ({_load_error(exc)})") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("cell_id") != cell_id:
         raise CheckpointError(f"checkpoint {path} is not a format-{FORMAT} checkpoint of cell {cell_id}")
     return state
+
+
+def _load_error(exc: BaseException) -> str:
+    """``torch.load``'s error, without its advice to load with ``weights_only=False`` (which
+    would run whatever code the file holds: never for a checkpoint that failed to read)."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        detail = text.split("WeightsUnpickler error:", 1)[1].strip().splitlines()[0] if "WeightsUnpickler error:" in text else ""
+        return "not a checkpoint of plain tensors and values: " + (_sentence(detail) or "the weights-only reader refused it")
+    return f"{type(exc).__name__}: {_sentence(text)}"
+
+
+def _sentence(text: str) -> str:
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return first.split(". ", 1)[0][:300]
 
 
 def mark_told(directory: Path, epoch: int) -> None:

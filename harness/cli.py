@@ -38,8 +38,35 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise ConfigError(f"{message}\n{self.format_usage().strip()}")
 
 
+class _Version(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest=dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(version_text())
+        parser.exit()
+
+
+def version_text() -> str:
+    """``harness --version``: the harness (and its code version), then every plugin distribution
+    with its version and the plugins it provides (and any that cannot be imported)."""
+    from harness import __version__
+    from harness.registry import get_plugin_manager
+    from harness.version import code_version
+
+    pm = get_plugin_manager(keep_going=True)
+    by_dist: dict[str, list[str]] = {}
+    for plugin, dist in pm.packages.items():
+        by_dist.setdefault(dist, []).append(plugin)
+    lines = [f"snn-harness {__version__}" + (f" (code {code_version()})" if code_version() != __version__ else ""), "plugins:"]
+    lines += [f"  {dist}: {', '.join(sorted(names))}" for dist, names in sorted(by_dist.items())]
+    lines += [f"  {name}: cannot be imported: {why}" for name, why in sorted(pm.broken.items())]
+    return "\n".join(lines)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _ArgumentParser(prog="harness", description="Benchmark harness for spiking neural networks.")
+    p.add_argument("--version", action=_Version, help="print the harness's version and the installed plugins' and exit")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_ArgumentParser)
 
     def common(sp: argparse.ArgumentParser, matrix_required: bool = True) -> None:
@@ -52,7 +79,11 @@ def _parser() -> argparse.ArgumentParser:
     common(run)
     run.add_argument("--dry-run", action="store_true", help="print the cells (and skipped ones, with reasons) and exit")
     run.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
-                     help="run only cells whose KEY equals VALUE (repeatable; a repeated key matches any of its values)")
+                     help="run only cells whose KEY equals VALUE (repeatable; a repeated key matches any of its values; "
+                     "VALUE is read as TOML and checked against the key's type)")
+    run.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
+                     help="set KEY to VALUE over the file's [defaults] / [options...] (repeatable; keys as in the matrix: "
+                     "epochs=1, optimizer.lr=0.05, options.model.vgg_small.channels=[8,16]; VALUE read as TOML)")
     run.add_argument("--executor", default=None, choices=("serial", "ray"),
                      help="how cells run: one after another here (serial), or as Ray tasks, in parallel (ray); "
                      "default: [execution] executor, else serial")
@@ -71,6 +102,9 @@ def _parser() -> argparse.ArgumentParser:
     common(rep)
     rep.add_argument("--format", default="table", choices=("table", "markdown", "csv", "json"),
                      help="how to print the comparison (default: %(default)s)")
+    rep.add_argument("--out", default=None, metavar="DIR",
+                     help="write summary.md/csv and the plots under DIR/<matrix> (default: the results directory)")
+    rep.add_argument("--no-write", action="store_true", help="only print the comparison: write no file (e.g. on read-only results)")
 
     ui = sub.add_parser("ui", help="start the MLflow UI on the configured store")
     common(ui, matrix_required=False)
@@ -138,7 +172,7 @@ def cmd_run(args: argparse.Namespace, argv: list[str]) -> int:
         raise ConfigError(f"--jobs must be at least 1, got {args.jobs}")
     pm = get_plugin_manager()
     registry = build_registry(pm)
-    matrix = load_matrix(args.matrix, registry, only=args.only)
+    matrix = load_matrix(args.matrix, registry, only=args.only, sets=args.sets)
     if not matrix.cells and not matrix.skipped:
         why = "--only matched no cell" if args.only else "every cell is excluded by [[exclude]]"
         print(f"harness: {args.matrix}: {why} ({matrix.filtered_out} filtered out, {matrix.excluded} excluded)", file=sys.stderr)
@@ -181,7 +215,7 @@ def _run_cells(args: argparse.Namespace, argv: list[str], pm: Any, registry: Any
     from harness.executor import make_executor
     from harness.lock import ResultsLock
     from harness.registry import register_observers
-    from harness.session import MatrixRun, PreloadedData, check_data, check_tracking, run_matrix
+    from harness.session import MatrixRun, PreloadedData, check_data, check_devices, check_tracking, run_matrix
 
     executor = make_executor(execution, verbose=args.verbose)
     checkpoint_root = Path(execution.checkpoint_dir).resolve() if execution.checkpoint_dir else None
@@ -202,6 +236,7 @@ def _run_cells(args: argparse.Namespace, argv: list[str], pm: Any, registry: Any
                 return [c.id for c in matrix.cells if c.id in done]
 
             if executor.in_process:
+                check_devices(matrix)
                 check_data(matrix, registry, preloaded)
                 finished_ids = finished_cells()
             else:
@@ -263,7 +298,8 @@ def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
 
     from harness.registry import KINDS, build_registry, get_plugin_manager
 
-    registry = build_registry(get_plugin_manager())
+    pm = get_plugin_manager(keep_going=True)  # a plugin that cannot be imported is shown, not fatal
+    registry = build_registry(pm)
     kinds = [args.kind] if args.kind else list(KINDS)
     console = Console(soft_wrap=False, width=200 if not sys.stdout.isatty() else None)
     for kind in kinds:
@@ -282,13 +318,24 @@ def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
             )
             table.add_row(*map(escape, cells))  # descriptions hold equations like o[t]: not markup
         console.print(table)
+    if pm.broken:
+        from harness.registry import ENV_BLOCK
+
+        table = Table(title="plugins that could not be imported (left out)", title_justify="left")
+        table.add_column("plugin")
+        table.add_column("error", overflow="fold")
+        for name, why in sorted(pm.broken.items()):
+            table.add_row(escape(name), escape(why))
+        console.print(table)
+        print(f"harness: {len(pm.broken)} plugin(s) could not be imported: every other command stops on them; block them "
+              f"with {ENV_BLOCK}={','.join(sorted(pm.broken))}, or uninstall their packages", file=sys.stderr)
     return ExitCode.OK
 
 
 def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
     from harness import report, summary, tracking
     from harness.matrix import read_toml
-    from harness.session import DEFAULT_EXPERIMENT, resolve_tracking_uri
+    from harness.session import DEFAULT_EXPERIMENT, check_sqlite_store, check_tracking, resolve_tracking_uri, sqlite_path
 
     data = read_toml(args.matrix)
     name = data.get("name", Path(args.matrix).stem)
@@ -296,25 +343,43 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
     results_dir = Path(args.results)
     uri = resolve_tracking_uri(results_dir, cli=args.tracking_uri or tracking_cfg.get("uri"))
     experiment = tracking_cfg.get("experiment", DEFAULT_EXPERIMENT)
+    if uri.startswith("sqlite:///"):  # reading creates nothing: no store there is nothing recorded
+        db = sqlite_path(uri)
+        if not db.is_file():
+            print(f"harness: nothing recorded: there is no tracking store at {db} (has matrix {name!r} run with "
+                  f"--results {results_dir}? --tracking-uri names another store)", file=sys.stderr)
+            return ExitCode.NO_CELLS
+        check_sqlite_store(db)
+    elif uri.startswith(("http://", "https://")):
+        check_tracking(uri)  # seconds, not MLflow's minutes of retries
     rows = tracking.report_rows(uri, experiment, name)
     if not rows:
         print(f"harness: no runs of matrix {name!r} in experiment {experiment!r} at {uri}", file=sys.stderr)
         return ExitCode.NO_CELLS
-    out = results_dir / name
-    summary.write_summary(out, rows, merge_existing=False, title=f"Matrix {name} (from MLflow)")
     axes = tracking.matrix_axes(uri, experiment, name)
-    history = tracking.report_history(uri, rows, ("test_top1",))
-    written = report.write_plots(out, rows, history, axes)
     entries = report.compare(rows, axes)
+    written: list[Path] = []
+    out = (Path(args.out) if args.out else results_dir) / name
+    if not args.no_write:
+        try:
+            summary.write_summary(out, rows, merge_existing=False, title=f"Matrix {name} (from MLflow)")
+            history = tracking.report_history(uri, rows, ("test_top1",))
+            written = [out / "summary.md", out / "summary.csv", *report.write_plots(out, rows, history, axes)]
+        except OSError as exc:
+            raise HarnessError(f"cannot write the report into {out} ({exc.strerror or exc}): --out DIR writes it "
+                               "elsewhere, --no-write only prints it") from None
     if args.format == "table":
         _print_comparison(entries, f"matrix {name}: {len(rows)} cell(s), {len(entries)} finished configuration(s)")
     else:
         print(report.format_comparison(entries, args.format))
     failed = [r for r in rows if r.get("status") != "finished"]
     if failed:
-        print(f"{len(failed)} cell(s) not finished: " + ", ".join(f"{r['cell_id']} [{r.get('label', '')}] {r.get('status')} {r.get('error_type', '')}".rstrip() for r in failed),
-              file=sys.stderr)
-    print(f"wrote {out / 'summary.md'}, {out / 'summary.csv'}" + "".join(f", {p}" for p in written), file=sys.stderr)
+        print(f"{len(failed)} cell(s) not finished:", file=sys.stderr)
+        for r in failed:
+            why = r.get("error") or r.get("error_type") or ""
+            print(f"  {r.get('status')} [{r.get('label', '')}] {r['cell_id']}" + (f": {why}" if why else ""), file=sys.stderr)
+    if written:
+        print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
     return ExitCode.OK
 
 

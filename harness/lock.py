@@ -29,8 +29,16 @@ class ResultsLock:
     def acquire(self) -> None:
         import fcntl
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = self.path.open("a+")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.path.parent, os.W_OK):
+                raise PermissionError(13, "read-only")
+            fh = self.path.open("a+")
+        except OSError as exc:  # read-only, not a directory, no space, ...
+            raise HarnessError(
+                f"the results directory {self.path.parent} cannot be written ({exc.strerror or exc}): a run writes its "
+                "tracking store, summaries and checkpoints there; choose another with --results"
+            ) from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

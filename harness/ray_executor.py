@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError, HarnessError
-from harness.events import CellEvent, CellResult, Delivery, EventSender, ObserverFailed, checkpoint_done, interrupts_deferred
+from harness.events import (CellEvent, CellResult, Delivery, EventSender, ObserverFailed, checkpoint_done, error_message,
+                            interrupts_deferred)
 from harness.executor import CellJob, CellsInterrupted
 from harness.matrix import ExecutionConfig
 
@@ -114,7 +115,7 @@ def node_probe(cells: list[Any], plugins: Any, probe: str, token: str) -> tuple[
     """Run on one node before the first cell: ``(host, problems)``. Loads the node's plugins and
     each data set the cells need, and reads the driver's probe file in the checkpoint directory."""
     from harness.registry import build_registry
-    from harness.session import check_data
+    from harness.session import check_data, check_devices
 
     host, problems = socket.gethostname(), []
     _warm_imports()  # this worker runs a cell next
@@ -128,6 +129,7 @@ def node_probe(cells: list[Any], plugins: Any, probe: str, token: str) -> tuple[
         registry = build_registry(plugins.plugin_manager())
         for cell in cells:
             missing_plugins(cell, registry)
+        check_devices(_Cells(cells), cuda=False)  # this worker holds no GPU: the driver checks CUDA devices
         check_data(_Cells(cells), registry)
     except Exception as exc:
         problems.append(str(exc))
@@ -176,7 +178,7 @@ def missing_plugins(cell: Any, registry: Any) -> None:
 
 
 def _failed_result(cell: Any, exc: BaseException, text: str, **kw: Any) -> CellResult:
-    return CellResult(cell.id, cell.label, "failed", error=text, error_type=type(exc).__name__, **kw)
+    return CellResult(cell.id, cell.label, "failed", error=text, error_type=type(exc).__name__, error_message=error_message(exc), **kw)
 
 
 @dataclass
@@ -268,6 +270,27 @@ class RayExecutor:
             raise ConfigError(f"execution cpus_per_cell = {cpus}, but the Ray cluster has {cpus_total:g} CPU(s)")
         return cpus, gpus
 
+    def check_device(self, cell: Any) -> None:
+        """A CUDA cell needs a GPU share from Ray, and sees only the GPU Ray gives it, as ``cuda``
+        (``cuda:0``): ``cuda:N`` for N > 0 names a GPU no cell can see.
+
+        :raises ConfigError: why the cell cannot run on the cluster, and what to set instead.
+        """
+        import ray
+
+        device = str(cell.config.device)
+        kind, _, index = device.partition(":")
+        if kind != "cuda":
+            return
+        if not float(ray.cluster_resources().get("GPU", 0)):
+            raise ConfigError(f"cell [{cell.label}] has device = {device!r}, but the Ray cluster has no GPU: "
+                              'use device = "auto" (the GPU where there is one) or "cpu"')
+        if self.resources(cell)[1] <= 0:
+            raise ConfigError(f"cell [{cell.label}] has device = {device!r}, but gpus_per_cell = 0 gives it no GPU")
+        if index not in ("", "0"):
+            raise ConfigError(f"cell [{cell.label}] has device = {device!r}: under ray a cell sees only the GPU Ray "
+                              'assigns it; use device = "cuda" (or "auto"), and gpus_per_cell to share GPUs')
+
     # -- before the first cell ----------------------------------------------------------------
     def preflight(self, matrix: Any, registry: Any, checkpoint_dir: Path) -> None:
         """Check on every node that can run a cell what the cells will need there: the plugins,
@@ -282,6 +305,8 @@ class RayExecutor:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.start()
+        for cell in matrix.cells:
+            self.check_device(cell)
         needs = {self.resources(cell) for cell in matrix.cells}
         nodes = [n for n in ray.nodes() if n.get("Alive") and any(
             n["Resources"].get("CPU", 0) >= cpus and n["Resources"].get("GPU", 0) >= gpus for cpus, gpus in needs)]
@@ -426,7 +451,8 @@ class RayExecutor:
             return "retry"
         tried = f" after {state.attempt} attempt(s)" if retries else ""
         exc = WorkerDied(f"worker died{tried}: {why}")
-        return CellResult(cell.id, cell.label, "failed", error=str(exc), error_type="WorkerDied", **self._so_far(delivery, cell))
+        return CellResult(cell.id, cell.label, "failed", error=str(exc), error_type="WorkerDied", error_message=error_message(exc),
+                          **self._so_far(delivery, cell))
 
     @staticmethod
     def _so_far(delivery: Delivery, cell: Any) -> dict[str, Any]:

@@ -147,6 +147,28 @@ def check_data(matrix: Matrix, registry: Registry, keep: PreloadedData | None = 
             keep.put(cell.config, bundle)
 
 
+def check_devices(matrix: Matrix, *, cuda: bool = True) -> None:
+    """Every cell's ``device`` exists in this process: the local machine (under torchrun, this
+    process's own GPU). ``cuda=False`` leaves CUDA devices to the caller (a Ray worker that probes
+    its node holds no GPU; the driver checks them against the cluster's).
+
+    :raises HarnessError: the first cell whose device is not there, and why.
+    """
+    from harness.build import resolve_device
+    from harness.errors import HarnessError
+
+    seen: set[str] = set()
+    for cell in matrix.cells:
+        name = cell.config.device
+        if name in seen or (not cuda and name.split(":")[0] == "cuda"):
+            continue
+        seen.add(name)
+        try:
+            resolve_device(name)
+        except HarnessError as exc:
+            raise HarnessError(f"cell [{cell.label}]: {exc}") from None
+
+
 def check_tracking(uri: str, timeout: float = 5.0) -> None:
     """An HTTP tracking server must answer ``/health``; a SQLite store's directory must be writable."""
     import urllib.error
@@ -167,10 +189,55 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
                 "--port 5000`), or point the run elsewhere with --tracking-uri, [tracking] uri or MLFLOW_TRACKING_URI"
             ) from None
     elif uri.startswith("sqlite:///"):
-        directory = Path(uri[len("sqlite:///"):]).parent
+        db = sqlite_path(uri)
+        directory = db.parent
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise HarnessError(f"cannot create the directory of the tracking store {uri}: {exc}") from None
         if not os.access(directory, os.W_OK):
             raise HarnessError(f"the directory of the tracking store {uri} is not writable")
+        if db.exists():
+            check_sqlite_store(db)
+
+
+def sqlite_path(uri: str) -> Path:
+    """The database file of a ``sqlite:///`` tracking URI."""
+    return Path(uri[len("sqlite:///"):])
+
+
+def check_sqlite_store(db: Path) -> None:
+    """``db`` is an intact SQLite database holding an MLflow store (or empty, for MLflow to set
+    up); read only, nothing is changed.
+
+    :raises HarnessError: which file, what is wrong with it, and what to do (it is never
+        overwritten).
+    """
+    import sqlite3
+
+    from harness.errors import HarnessError
+
+    advice = (f"it is not a usable MLflow store, and the harness will not overwrite it: move it aside "
+              f"(mv {db} {db}.broken) to start a new store there, or name another with --tracking-uri")
+    try:
+        with db.open("rb") as fh:
+            head = fh.read(16)
+    except OSError as exc:
+        raise HarnessError(f"the tracking store {db} cannot be read ({exc.strerror or exc})") from None
+    if head and head != b"SQLite format 3\x00":
+        raise HarnessError(f"{db} is not a SQLite database: {advice}")
+    if not head:
+        return
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        try:
+            verdict = con.execute("PRAGMA quick_check").fetchone()[0]
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            con.close()
+    except sqlite3.DatabaseError as exc:
+        raise HarnessError(f"{db} is a damaged SQLite database ({exc}): {advice}") from None
+    if verdict != "ok":
+        raise HarnessError(f"{db} is a damaged SQLite database (integrity check: {verdict}): {advice}")
+    if tables and "experiments" not in tables:
+        raise HarnessError(f"{db} is a SQLite database of something else (no MLflow experiments table): {advice}")

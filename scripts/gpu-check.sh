@@ -44,10 +44,13 @@ if ! installed; then
   rm -rf "$scratch/site"
   mkdir -p "$scratch/site"
   "$PY" - "$ROOT" "$scratch/site" <<'PYEOF'
-import os, sys, tomllib
+import os, re, sys, tomllib
 root, site = sys.argv[1:]
 project = tomllib.load(open(os.path.join(root, "pyproject.toml"), "rb"))
 meta, tool = project["project"], project["tool"]["setuptools"]
+if "version" not in meta:  # dynamic: written once, as harness.__version__
+    init = open(os.path.join(root, "harness", "__init__.py")).read()
+    meta["version"] = re.search(r'^__version__ = "([^"]+)"$', init, re.M).group(1)
 for package, path in tool["package-dir"].items():
     if "." not in package:
         os.symlink(os.path.join(root, path), os.path.join(site, package))

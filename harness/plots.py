@@ -54,9 +54,12 @@ _MIB = 1024.0 * 1024.0
 _MAX_LABEL_CHARS = 60
 # Series with at most this many points get a marker at each point (10 when there are many lines).
 _MARKER_MAX_POINTS = 30
-# Up to this many labels the legend sits inside the axes ("best"); beyond, to the right of them.
-_LEGEND_INSIDE_MAX = 8
+# The legend sits to the right of the axes, never over the lines; a second column beyond this many.
+_LEGEND_ONE_COLUMN_MAX = 15
 _LINESTYLES = ("-", "--", ":", "-.")
+# Markers of series that may coincide (memory against T): each series its own hollow shape, in
+# sizes that nest, so a point hidden under another's still shows its outline.
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,15 +177,20 @@ def _step_firing_rates_figure(series: Mapping[str, Sequence[float]], *, title: s
     _require_points(name, "series", (y.size for _, _, y in data))
 
     scale = _percent_scale([y for _, _, y in data])
-    fig, ax = _line_figure(len(data), title=title)
-    for i, (label, x, y) in enumerate(data):
-        _plot_line(ax, i, len(data), label, x, y * scale)
-    ax.set_xlabel("time step t")
-    ax.set_ylabel("firing rate (% of neurons that fired)")
-    ax.yaxis.set_major_formatter(PercentFormatter(xmax=100))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylim(bottom=0)
-    _finish_line_axes(fig, ax, len(data))
+    steps = sorted({y.size for _, _, y in data})  # configurations of different T: a panel each
+    fig, axes = _line_figure(len(data), title=title, panels=len(steps))
+    for ax, T in zip(axes, steps):
+        for i, (label, x, y) in enumerate(data):
+            if y.size == T:
+                _plot_line(ax, i, len(data), label, x, y * scale)
+        if len(steps) > 1:
+            ax.set_title(f"T = {T}", fontsize="medium")
+        ax.set_xlabel("time step t")
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=100))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_ylim(bottom=0)  # once every panel holds its lines: the shared scale covers them all
+    axes[0].set_ylabel("firing rate (% of neurons that fired)")
+    _finish_line_axes(fig, axes, len(data))
     return fig
 
 
@@ -193,14 +201,14 @@ def _memory_figure(
     data = [(label, *_pairs(name, label, pts)) for label, pts in _items(name, points, "points")]
     _require_points(name, "points", (x.size for _, x, _ in data))
 
-    fig, ax = _line_figure(len(data), title=title)
+    (fig, (ax,)) = _line_figure(len(data), title=title)
     for i, (label, x, y) in enumerate(data):
-        _plot_line(ax, i, len(data), label, x, y / _MIB, always_markers=True)
+        _plot_line(ax, i, len(data), label, x, y / _MIB, nested_markers=True)
     ax.set_xlabel("number of time steps T")
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylim(bottom=0)
-    _finish_line_axes(fig, ax, len(data))
+    _finish_line_axes(fig, [ax], len(data))
     return fig
 
 
@@ -209,14 +217,14 @@ def _accuracy_figure(curves: Mapping[str, Sequence[tuple[int, float]]], *, title
     data = [(label, *_pairs(name, label, pts)) for label, pts in _items(name, curves, "curves")]
     _require_points(name, "curves", (x.size for _, x, _ in data))
 
-    fig, ax = _line_figure(len(data), title=title)
+    (fig, (ax,)) = _line_figure(len(data), title=title)
     for i, (label, x, y) in enumerate(data):
         _plot_line(ax, i, len(data), label, x, y * 100.0)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
     ax.yaxis.set_major_formatter(PercentFormatter(xmax=100))
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _finish_line_axes(fig, ax, len(data))
+    _finish_line_axes(fig, [ax], len(data))
     return fig
 
 
@@ -402,13 +410,15 @@ def _short(label: str) -> str:
     return label if len(label) <= _MAX_LABEL_CHARS else label[: _MAX_LABEL_CHARS - 1] + "…"
 
 
-def _line_figure(n_lines: int, *, title: str) -> tuple[Figure, Axes]:
-    # A legend outside the axes needs extra width, and a second column beyond 15 labels.
-    width = 7.0 if n_lines <= _LEGEND_INSIDE_MAX else (10.0 if n_lines <= 15 else 13.0)
-    fig = _new_figure((width, 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title(title)
-    return fig, ax
+def _line_figure(n_lines: int, *, title: str, panels: int = 1) -> tuple[Figure, list[Axes]]:
+    """A figure of ``panels`` axes side by side (one y scale), room on the right for the legend
+    (a second column beyond 15 labels)."""
+    legend = 3.0 if n_lines <= _LEGEND_ONE_COLUMN_MAX else 6.0
+    panel = 6.5 if panels == 1 else 4.2
+    fig = _new_figure((panel * panels + legend, 4.8), layout="constrained")
+    axes = list(fig.subplots(1, panels, sharey=True, squeeze=False)[0])
+    fig.suptitle(title)
+    return fig, axes
 
 
 def _plot_line(
@@ -419,7 +429,7 @@ def _plot_line(
     x: np.ndarray,
     y: np.ndarray,
     *,
-    always_markers: bool = False,
+    nested_markers: bool = False,
 ) -> None:
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
@@ -429,25 +439,33 @@ def _plot_line(
         "linestyle": _LINESTYLES[(index // len(colors)) % len(_LINESTYLES)],
         "linewidth": 1.8 if n_lines <= 10 else 1.3,
     }
+    style["gid"] = str(index)  # the legend lists series in their order, whichever panel holds them
     if x.size == 0:  # keep it in the legend, so a label that produced nothing is visible
         ax.plot([], [], label=f"{_short(label)} (no finite data)", **style)
         return
-    if always_markers or x.size <= (_MARKER_MAX_POINTS if n_lines <= 10 else 10):
+    if nested_markers:
+        style.update(marker=_MARKERS[index % len(_MARKERS)], markersize=11 - 2 * (index % 4), markerfacecolor="none",
+                     markeredgewidth=1.6)
+    elif x.size <= (_MARKER_MAX_POINTS if n_lines <= 10 else 10):
         style.update(marker="o", markersize=5 if n_lines <= 10 else 3.5)
     ax.plot(x, y, label=_short(label), **style)
 
 
-def _finish_line_axes(fig: Figure, ax: Axes, n_lines: int) -> None:
-    ax.grid(True, alpha=0.3)
-    if n_lines <= _LEGEND_INSIDE_MAX:
-        ax.legend(loc="best", fontsize="small")
-    else:
-        fig.legend(
-            loc="outside right upper",
-            fontsize="x-small" if n_lines > 15 else "small",
-            ncols=1 if n_lines <= 15 else 2,
-            frameon=False,
-        )
+def _finish_line_axes(fig: Figure, axes: Sequence[Axes], n_lines: int) -> None:
+    """Grids, and one legend for all panels, outside the axes on the right (it never covers a line)."""
+    entries = []
+    for ax in axes:  # each series is drawn in one panel: every label once
+        ax.grid(True, alpha=0.3)
+        entries += zip(*ax.get_legend_handles_labels())
+    entries.sort(key=lambda entry: int(entry[0].get_gid() or 0))
+    fig.legend(
+        [handle for handle, _ in entries],
+        [label for _, label in entries],
+        loc="outside right upper",
+        fontsize="x-small" if n_lines > _LEGEND_ONE_COLUMN_MAX else "small",
+        ncols=1 if n_lines <= _LEGEND_ONE_COLUMN_MAX else 2,
+        frameon=False,
+    )
 
 
 def _row_edges(arrays: Sequence[np.ndarray], theta: Sequence[float], bins: int) -> np.ndarray:

@@ -143,8 +143,7 @@ def test_does_not_import_pyplot_or_leave_figures(tmp_path):
 
 
 def _lines(fig: Figure):
-    (ax,) = fig.axes
-    return ax.get_lines()
+    return [line for ax in fig.axes for line in ax.get_lines()]
 
 
 def _legend_texts(fig: Figure) -> list[str]:
@@ -153,16 +152,26 @@ def _legend_texts(fig: Figure) -> list[str]:
 
 
 def test_step_firing_rates_x_is_steps_from_one_and_fractions_shown_in_percent():
-    fig = _step_firing_rates_figure(
-        {"T=4": [0.1, 0.2, 0.3, 0.4], "T=2": [0.5, math.nan, 0.25]}, title="t"
-    )
-    four, two = _lines(fig)
+    fig = _step_firing_rates_figure({"a": [0.1, 0.2, 0.3, 0.4], "b": [0.5, math.nan, 0.25, 0.2]}, title="t")
+    (ax,) = fig.axes  # one T: one panel
+    four, other = ax.get_lines()
     assert list(four.get_xdata()) == [1, 2, 3, 4]
     assert list(four.get_ydata()) == pytest.approx([10, 20, 30, 40])
-    assert list(two.get_xdata()) == [1, 3]  # the NaN step is skipped, steps keep their place
-    assert list(two.get_ydata()) == pytest.approx([50, 25])
-    assert "%" in fig.axes[0].get_ylabel()
-    assert fig.axes[0].get_xlabel() == "time step t"
+    assert list(other.get_xdata()) == [1, 3, 4]  # the NaN step is skipped, steps keep their place
+    assert list(other.get_ydata()) == pytest.approx([50, 25, 20])
+    assert "%" in ax.get_ylabel()
+    assert ax.get_xlabel() == "time step t"
+
+
+def test_step_firing_rates_of_different_t_get_a_panel_each_with_one_y_scale():
+    fig = _step_firing_rates_figure({"T=4 a": [0.1, 0.2, 0.3, 0.4], "T=2": [0.5, 0.25], "T=4 b": [0.2] * 4}, title="t")
+    two, four = fig.axes
+    assert two.get_title() == "T = 2" and four.get_title() == "T = 4"
+    assert [ln.get_label() for ln in two.get_lines()] == ["T=2"]
+    assert [ln.get_label() for ln in four.get_lines()] == ["T=4 a", "T=4 b"]
+    assert two.get_shared_y_axes().joined(two, four)
+    assert all(ax.get_ylim()[0] == 0 and ax.get_ylim()[1] >= 50 for ax in (two, four))  # every panel's lines in view
+    assert _legend_texts(fig) == ["T=4 a", "T=2", "T=4 b"]  # one legend, the series in their order
 
 
 def test_step_firing_rates_already_in_percent_are_kept():
@@ -180,8 +189,12 @@ def test_memory_is_sorted_by_t_and_shown_in_mib_with_markers():
     assert list(bptt.get_xdata()) == [2, 3, 6]
     assert list(bptt.get_ydata()) == pytest.approx([2, 3, 6])
     assert bptt.get_marker() not in (None, "None", "", " ")
+    # coinciding points stay visible: another hollow shape, a smaller size nested inside
+    assert bptt.get_marker() != online.get_marker() and bptt.get_markersize() > online.get_markersize()
+    assert bptt.get_markerfacecolor() == "none" and online.get_markerfacecolor() == "none"
     assert list(online.get_xdata()) == [2]
     assert fig.axes[0].get_ylabel() == "saved for backward (MiB)"
+    assert not fig.axes[0].get_legend() and len(fig.legends) == 1  # the legend is outside the axes
     assert fig.axes[0].get_xlabel() == "number of time steps T"
 
 

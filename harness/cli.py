@@ -383,19 +383,53 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
     return ExitCode.OK
 
 
+_SHORT_TITLES = {  # the terminal table's headers (the files keep the long ones)
+    "test_top1": "top-1 %", "best_test_top1": "best %", "test_firing_rate": "rate", "test_firing_rate_cv": "rate CV",
+    "train_saved_mib": "saved MiB", "train_cuda_peak_mib": "CUDA MiB", "train_samples_per_s": "train/s",
+    "test_samples_per_s": "test/s", "synops": "SynOps", "synops_mac": "MACs", "num_parameters": "params",
+}
+
+
 def _print_comparison(entries: list[dict], title: str) -> None:
+    """The comparison as tables that fit the terminal (``$COLUMNS`` when not one): a column per
+    axis that varies between configurations (the fixed ones in the title), then the metrics; no
+    value is cut or broken: metrics that do not fit go to a further table, with the axes again."""
+    import shutil
+
+    from rich import box
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from harness import report
 
-    table = Table(title=title, title_justify="left")
-    cols = report.comparison_columns(entries)
-    for c in cols:
-        table.add_column(report.TITLES.get(c, c))
-    for e in entries:
-        table.add_row(*(report._cell(c, e) for c in cols))
-    Console(width=220 if not sys.stdout.isatty() else None).print(table)
+    varying, fixed = report.varying_axes(entries)
+    if fixed:
+        title += "; the same in all: " + ", ".join(f"{a}={v}" for a, v in fixed.items())
+    metrics = [c for c in report.comparison_columns(entries) if c != "configuration"]
+    leads = varying or ["configuration"]
+    rows = [[str(e["axes"].get(a, "")) for a in varying] if varying else [e["configuration"]] for e in entries]
+    width = None if sys.stdout.isatty() else shutil.get_terminal_size((100, 24)).columns
+    console = Console(width=width, soft_wrap=False)
+
+    def table(columns: list[str], heading: str | None) -> Table:
+        t = Table(title=escape(heading) if heading else None, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        for a in leads:
+            t.add_column(escape(a.removeprefix("options.")), no_wrap=True)
+        for c in columns:
+            t.add_column(_SHORT_TITLES.get(c, report.TITLES.get(c, c)), justify="right", no_wrap=True)
+        for lead, e in zip(rows, entries):
+            t.add_row(*map(escape, lead), *(report._cell(c, e) for c in columns))
+        return t
+
+    ruler = Console(width=100_000)  # measures a table's natural width
+    heading: str | None = title
+    while metrics:
+        take = len(metrics)  # as many metrics as fit beside the axes (at least one)
+        while take > 1 and ruler.measure(table(metrics[:take], None)).maximum > console.width:
+            take -= 1
+        console.print(table(metrics[:take], heading))
+        metrics, heading = metrics[take:], None
 
 
 def cmd_ui(args: argparse.Namespace, argv: list[str]) -> int:

@@ -100,7 +100,8 @@ def compare(rows: Sequence[Mapping[str, Any]], axes: Sequence[str] | None = None
     out = []
     for key, members in groups.items():
         label = labels[key] + (f" [config {key[:8]}]" if labels[key] in clash else "")
-        entry: dict[str, Any] = {"configuration": label, "seeds": len(members)}
+        entry: dict[str, Any] = {"configuration": label, "seeds": len(members),
+                                 "axes": {a: members[0].get(a, "") for a in axes if a != "seed"}}
         for column, metric, how in COMPARISON:
             values = [v for v in (_float(m.get(metric)) for m in members) if v is not None]
             if not values:
@@ -136,6 +137,16 @@ def _cell(column: str, entry: Mapping[str, Any]) -> str:
     if column.startswith("synops"):
         return f"{value:.3g}"
     return f"{value:.1f}"
+
+
+def varying_axes(entries: Sequence[Mapping[str, Any]]) -> tuple[list[str], dict[str, Any]]:
+    """``(axes whose value differs between configurations, {axis: value} of those that do not})``."""
+    names: list[str] = []
+    for e in entries:
+        names += [a for a in e.get("axes", {}) if a not in names]
+    varying = [a for a in names if len({str(e.get("axes", {}).get(a, "")) for e in entries}) > 1]
+    fixed = {a: entries[0]["axes"].get(a, "") for a in names if a not in varying}
+    return varying, fixed
 
 
 def comparison_columns(entries: Sequence[Mapping[str, Any]]) -> list[str]:

@@ -60,3 +60,35 @@ def test_history_lines_cut_short_are_skipped():
                {"cell_id": "a", "epoch": "", "metric": "test_top1", "value": None},
                {"cell_id": "a", "epoch": "2", "metric": "test_top1", "value": "0.6"}]
     assert curves(history, "test_top1") == {"a": {1: 0.5, 2: 0.6}}
+
+
+def test_the_table_shows_the_varying_axes_as_columns_fits_the_terminal_and_cuts_nothing(capsys, monkeypatch):
+    from harness.cli import _print_comparison
+
+    rows = []
+    i = 0
+    for trainer, norms in (("online", ("vanilla_bn", "osr", "bntt")), ("bptt", ("vanilla_bn", "osr", "bntt", "tdbn", "tebn"))):
+        for norm in norms:
+            for threshold in ("fixed", "ots") if trainer == "online" and norm != "bntt" else ("fixed",):
+                for seed in (0, 1, 2):
+                    i += 1
+                    rows.append({"cell_id": f"c{i}", "label": "", "status": "finished", "trainer": trainer, "normalizer": norm,
+                                 "threshold": threshold, "dataset": "fashion_mnist", "seed": str(seed),
+                                 "config_id": f"{trainer}{norm}{threshold}", "test_top1": str(0.85 + seed / 100),
+                                 "best_test_top1": "0.88", "test_firing_rate": "0.19", "test_firing_rate_cv": "0.2",
+                                 "train_saved_bytes_peak": str(12.2 * 2**20), "train_samples_per_s": "180.5", "synops": "1.2e6"})
+    entries = compare(rows, ["trainer", "normalizer", "threshold", "dataset", "seed"])
+    monkeypatch.setenv("COLUMNS", "100")
+    _print_comparison(entries, f"matrix fashion-mnist: {len(rows)} cell(s), {len(entries)} finished configuration(s)")
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) <= 100
+    assert "…" not in out and "..." not in out  # wrapped, never cut
+    assert "the same in all: dataset=fashion_mnist" in " ".join(out.split())
+    headers = [line for line in lines if "normalizer" in line]
+    assert len(headers) == 2 and all("trainer" in h and "threshold" in h for h in headers)  # metrics that do not fit: a second block
+    assert "top-1 %" in headers[0] and "SynOps" in headers[1]
+    for norm in ("vanilla_bn", "osr", "bntt", "tdbn", "tebn"):  # each value whole, in its own column
+        assert any(f" {norm} " in line for line in lines)
+    assert sum(" ots " in line for line in lines) == 4  # two configurations, in both blocks
+    assert "86.00 ± 1.00" in out

@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -106,10 +107,12 @@ def _parser() -> argparse.ArgumentParser:
                      help="write summary.md/csv and the plots under DIR/<matrix> (default: the results directory)")
     rep.add_argument("--no-write", action="store_true", help="only print the comparison: write no file (e.g. on read-only results)")
 
-    ui = sub.add_parser("ui", help="start the MLflow UI on the configured store")
+    ui = sub.add_parser("ui", help="start the MLflow UI on the configured store (with --matrix: links to its cells)")
     common(ui, matrix_required=False)
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--compare", action="store_true", help="open MLflow's compare-runs view of the matrix's cells (needs --matrix)")
+    ui.add_argument("--no-browser", action="store_true", help="print the links, open no browser")
     return p
 
 
@@ -433,25 +436,74 @@ def _print_comparison(entries: list[dict], title: str) -> None:
 
 
 def cmd_ui(args: argparse.Namespace, argv: list[str]) -> int:
+    """The MLflow UI on the store, and where in it to look: the experiment's runs, and with
+    ``--matrix`` the matrix's cells (best first) and MLflow's compare-runs view of them, which is
+    opened in a browser where there is one (``--no-browser``: only printed)."""
+    import urllib.request
+
     from harness import tracking
     from harness.matrix import read_toml
-    from harness.session import resolve_tracking_uri
+    from harness.session import DEFAULT_EXPERIMENT, check_sqlite_store, resolve_tracking_uri, sqlite_path
 
-    uri = args.tracking_uri
-    if uri is None and args.matrix:
-        cfg = read_toml(args.matrix).get("tracking", {})
-        uri = cfg.get("uri") if isinstance(cfg, dict) else None
+    if args.compare and not args.matrix:
+        raise ConfigError("--compare needs --matrix: the matrix whose cells to compare")
+    uri, experiment, name = args.tracking_uri, DEFAULT_EXPERIMENT, None
+    if args.matrix:
+        data = read_toml(args.matrix)
+        name = data.get("name", Path(args.matrix).stem)
+        cfg = data.get("tracking", {}) if isinstance(data.get("tracking", {}), dict) else {}
+        uri = uri or cfg.get("uri")
+        experiment = cfg.get("experiment", DEFAULT_EXPERIMENT)
     uri = resolve_tracking_uri(Path(args.results), cli=uri)
+    if uri.startswith("sqlite:///"):  # the UI only reads: no store, nothing to show (and none is made)
+        db = sqlite_path(uri)
+        if not db.is_file():
+            print(f"harness: nothing recorded: there is no tracking store at {db} (run a matrix first, or name the "
+                  "store with --results / --tracking-uri)", file=sys.stderr)
+            return ExitCode.NO_CELLS
+        check_sqlite_store(db)
+    base = f"http://{args.host}:{args.port}"
     proc = tracking.launch_ui(uri, args.host, args.port)
-    print(f"MLflow UI on http://{args.host}:{args.port}  (store: {uri}); Ctrl-C to stop", flush=True)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        deadline = time.monotonic() + 60
+        while True:  # links are printed (and opened) once the UI answers
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None:
+                    raise HarnessError(f"the MLflow UI stopped at once (exit code {proc.returncode}); is port {args.port} "
+                                       "in use? --port chooses another") from None
+                if time.monotonic() > deadline:
+                    raise HarnessError(f"the MLflow UI did not answer on {base} within 60 s") from None
+                time.sleep(0.3)
+        links = tracking.ui_links(uri, experiment, name, base)
+        print(f"MLflow UI on {base}  (store: {uri}); Ctrl-C to stop", flush=True)
+        said = {"experiment": f"runs of experiment {experiment!r}", "cells": f"the cells of matrix {name!r}, best first",
+                "compare": f"the cells of matrix {name!r} side by side (params, metrics, plots)"}
+        for key, url in links.items():
+            print(f"  {said[key]}: {url}", flush=True)
+        if name is not None and "compare" not in links:
+            print(f"  (matrix {name!r} has no cell runs in experiment {experiment!r} yet)", flush=True)
+        target = links.get("compare") if (args.compare or name) else None
+        target = target or links.get("cells") or links.get("experiment")
+        if target and not args.no_browser and _has_browser():
+            import webbrowser
+
+            webbrowser.open(target)
         return proc.wait()
     except KeyboardInterrupt:
         return ExitCode.OK
     finally:
         tracking.stop_process_group(proc)  # the UI's own workers too
         signal.signal(signal.SIGTERM, previous)
+
+
+def _has_browser() -> bool:
+    """A graphical browser can open: on macOS and Windows, or under X11/Wayland (never a text
+    browser taking over the terminal of a server)."""
+    return sys.platform in ("darwin", "win32") or bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ TAG_CELL_LABEL = "harness.cell_label"
 TAG_CONFIG_ID = "harness.config_id"  # the configuration without its seed
 TAG_STATUS = "harness.status"
 TAG_ERROR_TYPE = "harness.error_type"
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3 opens such an experiment on its runs, not on traces
 TAG_ERROR = "harness.error"  # why a cell failed, in a line or two (the traceback is the run's traceback.txt)
 TAG_AXES = "harness.axes"  # comma-separated axis names of the matrix
 TAG_HOST = "harness.host"
@@ -54,9 +56,38 @@ def ensure_experiment(mlflow_client: Any, name: str, artifact_root: Path | None)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             raise HarnessError(f"MLflow experiment {name!r} is deleted; restore it or set [tracking] experiment")
+        if TAG_EXPERIMENT_KIND not in exp.tags:  # an older store: a user's own choice is kept
+            mlflow_client.set_experiment_tag(exp.experiment_id, TAG_EXPERIMENT_KIND, EXPERIMENT_KIND)
         return exp.experiment_id
     location = artifact_root.resolve().as_uri() if artifact_root is not None else None
-    return mlflow_client.create_experiment(name, artifact_location=location)
+    return mlflow_client.create_experiment(name, artifact_location=location, tags={TAG_EXPERIMENT_KIND: EXPERIMENT_KIND})
+
+
+def ui_links(uri: str, experiment: str, matrix_name: str | None, base: str) -> dict[str, str]:
+    """Where the MLflow UI at ``base`` shows the harness's runs: ``experiment`` (its runs page),
+    and for a matrix ``cells`` (its cell runs only, best test accuracy first) and ``compare``
+    (MLflow's compare-runs view of its cells: params and metrics side by side, with plots).
+    Empty when the experiment does not exist."""
+    import json
+    from urllib.parse import quote, urlencode
+
+    mlflow_client = client(uri)
+    exp = mlflow_client.get_experiment_by_name(experiment)
+    if exp is None:
+        return {}
+    links = {"experiment": f"{base}/#/experiments/{exp.experiment_id}/runs"}
+    if matrix_name is None:
+        return links
+    latest: dict[str, str] = {}  # cell id -> its latest run
+    for run in cell_runs(mlflow_client, experiment, matrix_name):
+        latest[run.data.tags.get(TAG_CELL_ID, run.info.run_id)] = run.info.run_id
+    search = urlencode({"searchFilter": f"tags.`{TAG_MATRIX}` = '{matrix_name}' and tags.`{TAG_KIND}` = 'cell'",
+                        "orderByKey": "metrics.`test_top1`", "orderByAsc": "false"}, quote_via=quote)
+    links["cells"] = f"{base}/#/experiments/{exp.experiment_id}/runs?{search}"
+    if latest:
+        runs, exps = json.dumps(sorted(latest.values())), json.dumps([exp.experiment_id])
+        links["compare"] = f"{base}/#/compare-runs?runs={quote(runs, safe='')}&experiments={quote(exps, safe='')}"
+    return links
 
 
 def cell_runs(mlflow_client: Any, experiment: str, matrix_name: str) -> list[Any]:
@@ -203,7 +234,7 @@ def launch_ui(uri: str, host: str, port: int) -> subprocess.Popen:
     """Start ``mlflow ui`` on the store at ``uri`` in its own process group (it starts workers of
     its own); returns the process. Stop it with :func:`stop_process_group`."""
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=sys.stderr)  # the harness's stdout carries the links
     time.sleep(0.5)
     if proc.poll() is not None:
         raise HarnessError(f"mlflow ui exited at once with code {proc.returncode}: {' '.join(cmd)}")

@@ -115,14 +115,18 @@ def test_tracking_uri_in_the_toml_points_a_run_at_a_real_server(mlflow_server, t
 
 
 def test_ui_command_serves_the_store(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("snn-harness")
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness", "ui", "--results", str(tmp_path), "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     try:
-        line = proc.stdout.readline()
+        line = proc.stdout.readline()  # printed once the UI answers
         assert f"MLflow UI on http://127.0.0.1:{port}" in line and "mlflow.db" in line
+        assert proc.stdout.readline().strip().startswith(f"runs of experiment 'snn-harness': http://127.0.0.1:{port}/#/experiments/")
         _wait_http(f"http://127.0.0.1:{port}/health", proc)
         ui_pid = _child_pids(proc.pid)
         assert ui_pid, "harness ui started no mlflow process"
@@ -131,6 +135,16 @@ def test_ui_command_serves_the_store(tmp_path):
         proc.wait(30)
     time.sleep(1)
     assert not [p for p in ui_pid if _alive(p)], "mlflow ui processes outlived `harness ui`"
+
+
+def test_ui_where_nothing_was_recorded_creates_no_store(tmp_path, capsys):
+    from harness.cli import ExitCode, main
+
+    assert main(["ui", "--results", str(tmp_path / "nothing"), "--no-browser"]) == ExitCode.NO_CELLS
+    assert "nothing recorded: there is no tracking store at" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
+    assert main(["ui", "--compare"]) == ExitCode.USAGE_ERROR
+    assert "--compare needs --matrix" in capsys.readouterr().err
 
 
 def _child_pids(pid: int) -> list[int]:

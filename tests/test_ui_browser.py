@@ -1,0 +1,103 @@
+"""What the MLflow UI shows, read by a real headless Chromium from a real ``harness ui`` on
+127.0.0.1: the experiment is a classic one (runs, not traces), and the compare-runs link the UI
+command prints shows the matrix's cells with their normalizers and ``test_top1``. A screenshot
+of the page is kept in ``results/test-artifacts/``. Skipped, with the reason, where Chromium is
+not installed (the CI set-up installs Debian's ``chromium``)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.cli import ExitCode, main
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "results" / "test-artifacts"
+CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (Debian: apt-get install chromium; the CI set-up does)")
+
+MATRIX = """
+name = "ui-check"
+[defaults]
+dataset = "digits"
+model = "vgg_small"
+trainer = "bptt"
+normalizer = "vanilla_bn"
+epochs = 1
+batch_size = 128
+time_steps = 2
+train_subset = 128
+device = "cpu"
+[options.model.vgg_small]
+channels = [4]
+[matrix]
+normalizer = ["vanilla_bn", "osr"]
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _chromium(url: str, *extra: str) -> str:
+    """The page's DOM after its scripts ran (and ``extra`` outputs, e.g. a screenshot)."""
+    cmd = [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+           "--window-size=1600,1100", "--virtual-time-budget=15000", *extra, url]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def ui(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ui")
+    matrix = tmp / "ui.toml"
+    matrix.write_text(textwrap.dedent(MATRIX))
+    results = tmp / "results"
+    assert main(["run", "--matrix", str(matrix), "--results", str(results)]) == ExitCode.OK
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "harness", "ui", "--matrix", str(matrix), "--results", str(results),
+                             "--port", str(port), "--no-browser"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    links: dict[str, str] = {}
+    deadline = time.monotonic() + 90
+    try:
+        while len(links) < 3 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if ": http" in line:
+                key = "experiment" if "runs of experiment" in line else "compare" if "side by side" in line else "cells"
+                links[key] = line.split(": http", 1)[1].strip().join(("http", ""))
+        assert len(links) == 3, f"harness ui printed {links}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
+        yield links
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_the_compare_link_shows_the_cells_their_normalizers_and_test_top1(ui):
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "ui-compare-runs.png"
+    shot.unlink(missing_ok=True)
+    dom = _chromium(ui["compare"], "--dump-dom")
+    _chromium(ui["compare"], f"--screenshot={shot}")
+    assert shot.exists() and shot.stat().st_size > 10_000
+    for text in ("normalizer=vanilla_bn", "normalizer=osr", "normalizer.name", "vanilla_bn", "osr", "test_top1"):
+        assert text in dom, f"{text!r} is not on the compare-runs page ({ui['compare']})"
+
+
+def test_the_experiment_opens_on_its_runs_not_on_traces(ui):
+    dom = _chromium(ui["cells"], "--dump-dom")
+    assert "normalizer=vanilla_bn" in dom and "normalizer=osr" in dom  # the cell runs are listed
+    assert "Traces (0)" not in dom and "No traces" not in dom

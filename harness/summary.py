@@ -104,7 +104,8 @@ def markdown_document(rows: Sequence[dict[str, Any]], title: str = "") -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    cols = [c for c in columns(rows) if c not in MARKDOWN_SKIP and not CSV_ONLY.match(c)]
+    cols = [c for c in columns(rows) if c not in MARKDOWN_SKIP and not CSV_ONLY.match(c)
+            and (c != "error" or any(r.get(c) for r in rows))]  # the reason column only where a cell failed
     header = [_title(c) for c in cols]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for row in rows:

@@ -23,9 +23,11 @@ fi
 
 matrix=benchmarks.toml
 args=()
+where=""  # the options that say where results go, repeated in the closing hint
 while [ $# -gt 0 ]; do
   case "$1" in
     --matrix|-m) matrix="$2"; shift 2 ;;
+    --results|--tracking-uri) args+=("$1" "$2"); where="$where $1 $2"; shift 2 ;;
     *) args+=("$1"); shift ;;
   esac
 done
@@ -34,6 +36,6 @@ set +e
 rc=$?
 set -e
 if [ "$rc" -le 1 ]; then
-  echo "Compare the cells: $VENV/bin/harness report --matrix $matrix   or   $VENV/bin/harness ui" >&2
+  echo "Compare the cells: $VENV/bin/harness report --matrix $matrix$where   or   $VENV/bin/harness ui --matrix $matrix$where" >&2
 fi
 exit "$rc"

@@ -23,6 +23,7 @@ TAG_STATUS = "harness.status"
 TAG_ERROR_TYPE = "harness.error_type"
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # MLflow 3 opens such an experiment on its runs, not on traces
+WORKFLOW = "machine_learning"  # the UI's "Model training" mode (its default is "genai")
 TAG_ERROR = "harness.error"  # why a cell failed, in a line or two (the traceback is the run's traceback.txt)
 TAG_AXES = "harness.axes"  # comma-separated axis names of the matrix
 TAG_HOST = "harness.host"
@@ -75,7 +76,10 @@ def ui_links(uri: str, experiment: str, matrix_name: str | None, base: str) -> d
     exp = mlflow_client.get_experiment_by_name(experiment)
     if exp is None:
         return {}
-    links = {"experiment": f"{base}/#/experiments/{exp.experiment_id}/runs"}
+    # MLflow 3's UI opens every experiment as a GenAI one (traces) unless the link names the
+    # "Model training" workflow; it then keeps that choice for the pages that follow.
+    mode = f"workflowType={WORKFLOW}"
+    links = {"experiment": f"{base}/#/experiments/{exp.experiment_id}?{mode}"}
     if matrix_name is None:
         return links
     latest: dict[str, str] = {}  # cell id -> its latest run
@@ -83,10 +87,10 @@ def ui_links(uri: str, experiment: str, matrix_name: str | None, base: str) -> d
         latest[run.data.tags.get(TAG_CELL_ID, run.info.run_id)] = run.info.run_id
     search = urlencode({"searchFilter": f"tags.`{TAG_MATRIX}` = '{matrix_name}' and tags.`{TAG_KIND}` = 'cell'",
                         "orderByKey": "metrics.`test_top1`", "orderByAsc": "false"}, quote_via=quote)
-    links["cells"] = f"{base}/#/experiments/{exp.experiment_id}/runs?{search}"
+    links["cells"] = f"{base}/#/experiments/{exp.experiment_id}/runs?{search}&{mode}"
     if latest:
         runs, exps = json.dumps(sorted(latest.values())), json.dumps([exp.experiment_id])
-        links["compare"] = f"{base}/#/compare-runs?runs={quote(runs, safe='')}&experiments={quote(exps, safe='')}"
+        links["compare"] = f"{base}/#/compare-runs?runs={quote(runs, safe='')}&experiments={quote(exps, safe='')}&{mode}"
     return links
 
 

@@ -50,6 +50,15 @@ def write_toml(tmp_path):
     return write
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for servers a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 TINY_DEFAULTS = """
 # A tiny matrix: digits, one epoch of two batches, a one-stage network. Tests add axes to it.
 [defaults]

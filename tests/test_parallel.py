@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 import textwrap
 from pathlib import Path
 
 import dataclasses
 
 import pytest
+from conftest import free_port
 import torch
 import torch.multiprocessing as mp
 from torch import nn
@@ -43,10 +43,6 @@ def _exit_worker() -> None:
     parallel.exit_process(0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _grad_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -65,7 +61,7 @@ def _grad_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def test_gradients_are_averaged_across_processes_before_the_step(tmp_path):
-    mp.spawn(_grad_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_grad_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     w0, w1 = torch.load(tmp_path / "w0.pt"), torch.load(tmp_path / "w1.pt")
     assert torch.equal(w0, w1) and torch.allclose(w0, -1.5 * torch.tensor([1.0, 2.0, 3.0]))
 
@@ -135,7 +131,7 @@ class _Plain:
 
 
 def test_gradients_averaged_while_backward_runs_equal_those_averaged_after_it(tmp_path):
-    mp.spawn(_overlap_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
+    mp.spawn(_overlap_worker, args=(2, free_port(), str(tmp_path)), nprocs=2)
     for rank in (0, 1):
         report = torch.load(tmp_path / f"overlap{rank}.pt")
         for trainer, r in report.items():
@@ -178,7 +174,7 @@ def test_a_cell_on_two_processes_equals_one_process_on_the_union_batch(tmp_path)
     assert main(["run", "--matrix", str(path), "--results", str(single)]) == 0
     double = tmp_path / "double"
     double.mkdir()
-    mp.spawn(_cli_worker, args=(2, _free_port(), str(path), str(double)), nprocs=2)
+    mp.spawn(_cli_worker, args=(2, free_port(), str(path), str(double)), nprocs=2)
     assert (double / "code0").read_text() == (double / "code1").read_text() == "0 False"
     (a,) = csv.DictReader((single / "ddp" / "summary.csv").open())
     (b,) = csv.DictReader((double / "ddp" / "summary.csv").open())  # process 0 alone wrote results
@@ -232,7 +228,7 @@ def test_an_observer_error_in_one_process_stops_the_cell_in_every_process(tmp_pa
     import json
     import time
 
-    ctx = mp.spawn(_observer_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    ctx = mp.spawn(_observer_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False)
     deadline = time.monotonic() + 240
     while not ctx.join(timeout=2):
         if time.monotonic() > deadline:  # what the bug looks like: one process waits forever
@@ -374,7 +370,7 @@ def _join(ctx, seconds: float, what: str) -> None:
 def test_a_failure_on_one_process_outside_the_training_step_fails_the_cell_on_every_process(tmp_path):
     import json
 
-    _join(mp.spawn(_agreement_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False), 240,
+    _join(mp.spawn(_agreement_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=False), 240,
           "after a failure on one process")
     r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in (0, 1))
     assert r1["build"] == ["failed", "RuntimeError", "RuntimeError: cannot build the model on process 1"]
@@ -432,7 +428,7 @@ def _run_cli(tmp_path: Path, text: str, seconds: float = 120) -> tuple[list[str]
     path.write_text(text)
     results = tmp_path / "results"
     results.mkdir()
-    _join(mp.spawn(_cli_worker, args=(2, _free_port(), str(path), str(results)), nprocs=2, join=False), seconds, text)
+    _join(mp.spawn(_cli_worker, args=(2, free_port(), str(path), str(results)), nprocs=2, join=False), seconds, text)
     return [(results / f"code{r}").read_text() for r in (0, 1)], [(results / f"err{r}").read_text() for r in (0, 1)]
 
 

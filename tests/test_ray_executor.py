@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_DEFAULTS
+from conftest import REPO, TINY_DEFAULTS, free_port
 
 pytestmark = pytest.mark.usefixtures("ray_instance")
 
@@ -359,12 +359,6 @@ def test_an_observer_that_stays_down_fails_its_cell_with_the_reason_and_the_othe
     assert {r.data.tags["harness.cell_label"]: r.info.status for r in cells} == {"seed=0": "FAILED", "seed=1": "FINISHED"}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_tracking_server_that_goes_away_fails_the_cells_it_cannot_record_with_the_reason(harness_run, tmp_path, monkeypatch, capsys):
@@ -374,7 +368,7 @@ def test_a_tracking_server_that_goes_away_fails_the_cells_it_cannot_record_with_
     traceback."""
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),

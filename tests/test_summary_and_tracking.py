@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import csv
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 import pytest
+from conftest import free_port
 
 from harness.summary import merge, write_summary
 from harness.session import resolve_tracking_uri
@@ -50,10 +50,6 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert resolve_tracking_uri(tmp_path, cli="sqlite:///rel/m.db") == f"sqlite:///{tmp_path.resolve()}/rel/m.db"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
@@ -74,7 +70,7 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1 with its own SQLite store and artifact root."""
     tmp = tmp_path_factory.mktemp("server")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--artifacts-destination", str(tmp / "artifacts"),
@@ -118,7 +114,7 @@ def test_ui_command_serves_the_store(tmp_path):
     from mlflow.tracking import MlflowClient
 
     MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}").create_experiment("snn-harness")
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "harness", "ui", "--results", str(tmp_path), "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,

@@ -7,7 +7,6 @@ not installed (the CI set-up installs Debian's ``chromium``)."""
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from conftest import TINY_DEFAULTS, free_port
 
 from harness.cli import ExitCode, main
 
@@ -24,29 +25,9 @@ CHROMIUM = next((p for p in (shutil.which(n) for n in ("chromium", "chromium-bro
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium here (Debian: apt-get install chromium; the CI set-up does)")
 
-MATRIX = """
-name = "ui-check"
-[defaults]
-dataset = "digits"
-model = "vgg_small"
-trainer = "bptt"
-normalizer = "vanilla_bn"
-epochs = 1
-batch_size = 128
-time_steps = 2
-train_subset = 128
-device = "cpu"
-[options.model.vgg_small]
-channels = [4]
-[matrix]
-normalizer = ["vanilla_bn", "osr"]
-"""
+MATRIX = 'name = "ui-check"\n' + TINY_DEFAULTS + '[matrix]\nnormalizer = ["vanilla_bn", "osr"]\n'
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _chromium(url: str, *extra: str) -> str:
@@ -65,7 +46,7 @@ def ui(tmp_path_factory):
     matrix.write_text(textwrap.dedent(MATRIX))
     results = tmp / "results"
     assert main(["run", "--matrix", str(matrix), "--results", str(results)]) == ExitCode.OK
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "harness", "ui", "--matrix", str(matrix), "--results", str(results),
                              "--port", str(port), "--no-browser"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -98,6 +79,8 @@ def test_the_compare_link_shows_the_cells_their_normalizers_and_test_top1(ui):
 
 
 def test_the_experiment_opens_on_its_runs_not_on_traces(ui):
-    dom = _chromium(ui["cells"], "--dump-dom")
-    assert "normalizer=vanilla_bn" in dom and "normalizer=osr" in dom  # the cell runs are listed
-    assert "Traces (0)" not in dom and "No traces" not in dom
+    dom = _chromium(ui["experiment"], "--dump-dom")  # the experiment's own page: MLflow picks the tab
+    assert "matching runs" in dom and "ui-check" in dom, "the experiment did not open on its runs"  # the matrix's parent run
+    assert "Token Usage" not in dom and "Detect Issues" not in dom  # not the GenAI overview of (no) traces
+    cells = _chromium(ui["cells"], "--dump-dom")
+    assert "normalizer=vanilla_bn" in cells and "normalizer=osr" in cells  # the matrix's cell runs are listed

@@ -16,23 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY_DEFAULTS
+
 from harness.cli import ExitCode, main
 
-MATRIX = """
-name = "oops"
-[defaults]
-dataset = "digits"
-model = "vgg_small"
-normalizer = "vanilla_bn"
-trainer = "bptt"
-epochs = 1
-batch_size = 128
-time_steps = 2
-train_subset = 128
-device = "cpu"
-[options.model.vgg_small]
-channels = [4]
-"""
+MATRIX = 'name = "oops"\n' + TINY_DEFAULTS
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +180,14 @@ def test_a_plugin_whose_import_raises_is_listed_and_named_with_the_way_out(tmp_p
     blocked = subprocess.run([*harness, "run", "--matrix", str(matrix), "--dry-run"], capture_output=True, text=True,
                              env={**env, "SNN_HARNESS_BLOCK_PLUGINS": "broken"}, timeout=120)
     assert blocked.returncode == 0, blocked.stderr
+
+
+def test_a_new_tracking_store_is_set_up_without_mlflows_info_lines(tmp_path):
+    matrix = tmp_path / "m.toml"
+    matrix.write_text(MATRIX)
+    proc = subprocess.run([sys.executable, "-m", "harness", "run", "--matrix", str(matrix), "--results", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "r" / "mlflow.db").exists()  # a new store was made, by this run
+    assert "Creating initial MLflow database tables" not in proc.stderr and "alembic" not in proc.stderr.lower()
+    assert "[cell 1/1]" in proc.stderr and "finished" in proc.stderr

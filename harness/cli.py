@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", "-v", action="store_true", help="show Ray's own log lines")
     run.add_argument("--rerun", action="store_true",
                      help="run cells again that already finished in the tracking store (default: skip them)")
+    run.add_argument("--rerun-changed", action="store_true",
+                     help="run finished cells again whose recorded code differs from the installed code")
 
     lst = sub.add_parser("list", help="list the installed plugins by kind")
     lst.add_argument("--kind", default=None, help="only this kind (normalizer, threshold, trainer, loss, model, dataset)")
@@ -252,6 +254,8 @@ def _run_cells(args: argparse.Namespace, argv: list[str], pm: Any, registry: Any
                     lookup = pool.submit(finished_cells)
                     executor.preflight(matrix, registry, probe_dir)
                 finished_ids = lookup.result()
+            if par.is_main and finished_ids:
+                finished_ids = _changed_code(pm, registry, matrix, finished_ids, tracking_uri, experiment, args.rerun_changed)
         except Exception as exc:
             if not par.enabled:
                 raise
@@ -275,6 +279,39 @@ def _run_cells(args: argparse.Namespace, argv: list[str], pm: Any, registry: Any
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _changed_code(pm: Any, registry: Any, matrix: Any, finished_ids: list[str], uri: str, experiment: str,
+                  rerun_changed: bool) -> list[str]:
+    """The finished cells to skip. Those whose recorded code differs from the installed code
+    (:mod:`harness.provenance`) are listed, never skipped in silence; with ``rerun_changed``
+    they run again."""
+    from harness.provenance import Provenance, changed
+
+    recorded = pm.hook.recorded_code(matrix=matrix, tracking_uri=uri, experiment=experiment) or {}
+    provenance, cells = Provenance(registry), {c.id: c for c in matrix.cells}
+    differ: dict[str, list[str]] = {}
+    unknown = 0
+    for cid in finished_ids:
+        code = recorded.get(cid)
+        if not code:
+            unknown += 1
+            continue
+        diff = changed(code, provenance.code(cells[cid].config))
+        if diff:
+            differ[cid] = diff
+    if differ:
+        what = ("running them again (--rerun-changed)" if rerun_changed else
+                "skipped as finished; --rerun-changed runs them again (--rerun: every cell)")
+        print(f"harness: {len(differ)} finished cell(s) ran with other code than is installed now: {what}", file=sys.stderr)
+        for cid, diff in list(differ.items())[:10]:
+            print(f"  [{cells[cid].label}] {'; '.join(diff)}", file=sys.stderr)
+        if len(differ) > 10:
+            print(f"  ... and {len(differ) - 10} more", file=sys.stderr)
+    if unknown:
+        print(f"harness: {unknown} finished cell(s) have no recorded code version (recorded by an older harness): "
+              "skipped as finished; --rerun runs them again", file=sys.stderr)
+    return [cid for cid in finished_ids if not (rerun_changed and cid in differ)]
 
 
 def describe_matrix(matrix: Any) -> str:

@@ -149,6 +149,21 @@ def finished_cells(matrix: Matrix, tracking_uri: str, experiment: str) -> list[s
     """
 
 
+@hookspec(firstresult=True)
+def recorded_code(matrix: Matrix, tracking_uri: str, experiment: str) -> dict[str, dict[str, str]]:
+    """For each of the matrix's finished cells, the code its result was produced with, as the
+    tracking store recorded it: ``{cell id: {distribution: "<version>+src.<hash>"}}``
+    (:mod:`harness.provenance`; an empty mapping for a result recorded without it).
+
+    ``harness run`` compares it with the installed code and lists the finished cells whose code
+    changed (``--rerun-changed`` runs them again). The first implementation that answers wins.
+
+    :param matrix: the loaded matrix.
+    :param tracking_uri: the resolved tracking URI.
+    :param experiment: the tracking experiment's name.
+    """
+
+
 # ---------------------------------------------------------------------------------------------
 # Lifecycle: matrix
 # ---------------------------------------------------------------------------------------------

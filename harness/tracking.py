@@ -112,6 +112,20 @@ def finished_cell_ids(mlflow_client: Any, experiment: str, matrix_name: str) -> 
                    if r.info.status == "FINISHED"} - {""})
 
 
+TAG_CODE_PREFIX = "harness.code."  # + distribution: the code a cell ran with (harness.provenance)
+
+
+def finished_code(mlflow_client: Any, experiment: str, matrix_name: str) -> dict[str, dict[str, str]]:
+    """Cell id -> the code its latest FINISHED run recorded (``{distribution: version+src}``;
+    empty for a run made before the harness recorded it)."""
+    out: dict[str, dict[str, str]] = {}
+    for run in cell_runs(mlflow_client, experiment, matrix_name):  # oldest first: the latest wins
+        cid = run.data.tags.get(TAG_CELL_ID)
+        if cid and run.info.status == "FINISHED":
+            out[cid] = {k[len(TAG_CODE_PREFIX):]: v for k, v in run.data.tags.items() if k.startswith(TAG_CODE_PREFIX)}
+    return out
+
+
 def resumable_run(mlflow_client: Any, experiment_id: str, matrix_name: str, cell_id: str) -> Any:
     """The latest KILLED, FAILED (or dead RUNNING) run of a cell, which a resumed cell continues."""
     runs = mlflow_client.search_runs(

@@ -36,6 +36,14 @@ def _warning_tags(info: dict[str, Any]) -> dict[str, str]:
     return {"harness.warnings": "\n".join(map(str, warnings))[:5000]} if warnings else {}
 
 
+def _provenance_tags(info: dict[str, Any]) -> dict[str, str]:
+    """The code (``harness.code.<distribution>``) and environment (``harness.env.<key>``) the
+    cell runs with (tags: a resumed run takes those of the code that finishes it)."""
+    prov = info.get("provenance") or {}
+    return {**{f"{tracking.TAG_CODE_PREFIX}{k}": v for k, v in prov.get("code", {}).items()},
+            **{f"harness.env.{k}": v for k, v in prov.get("env", {}).items()}}
+
+
 def _worker_tags(info: dict[str, Any]) -> dict[str, str]:
     """Where a cell run by a worker process runs (``harness.worker``: host, pid and Ray node)."""
     if "worker_host" not in info:
@@ -91,7 +99,7 @@ class MlflowTracker:
             run_id = self.runs[cell.id]
             self.client.update_run(run_id, status="RUNNING")
             self.client.set_tag(run_id, tracking.TAG_STATUS, "running")
-            for key, value in {**_worker_tags(info), **_warning_tags(info)}.items():
+            for key, value in {**_worker_tags(info), **_warning_tags(info), **_provenance_tags(info)}.items():
                 self.client.set_tag(run_id, key, value)
             if info.get("resumed_from_epoch"):
                 self.client.set_tag(run_id, "harness.resumed_from_epoch", str(info["resumed_from_epoch"]))
@@ -103,7 +111,7 @@ class MlflowTracker:
                 self.client.update_run(run_id, status="RUNNING")
                 for key, value in {**_process_tags(), tracking.TAG_STATUS: "running", "mlflow.parentRunId": self.parent_id,
                                    "harness.resumed_from_epoch": str(info["resumed_from_epoch"]), **_warning_tags(info),
-                                   **_worker_tags(info)}.items():
+                                   **_worker_tags(info), **_provenance_tags(info)}.items():
                     self.client.set_tag(run_id, key, value)
                 self.runs[cell.id] = run_id
                 return
@@ -126,13 +134,15 @@ class MlflowTracker:
                 **({"harness.checkpoint_discarded": str(info["checkpoint_discarded"])[:5000]} if "checkpoint_discarded" in info else {}),
                 **_warning_tags(info),
                 **_worker_tags(info),
+                **_provenance_tags(info),
             },
         )
         run_id = child.info.run_id
         self.runs[cell.id] = run_id
         params = [Param(k, _param_value(v)) for k, v in flatten(cell.config).items()]
         params += [Param(f"info.{k}", _param_value(v)) for k, v in info.items()
-                   if k not in ("device", "checkpoint_discarded", "resumed_from_epoch", "warnings") and not k.startswith("worker_")]
+                   if k not in ("device", "checkpoint_discarded", "resumed_from_epoch", "warnings", "provenance")
+                   and not k.startswith("worker_")]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])
 
@@ -191,6 +201,10 @@ class MlflowTracker:
         self.client.set_tag(self.parent_id, tracking.TAG_STATUS, status.lower())
         self.client.set_terminated(self.parent_id, status=status)
 
+
+    @hookimpl
+    def recorded_code(self, matrix: Any, tracking_uri: str, experiment: str) -> dict[str, dict[str, str]]:
+        return tracking.finished_code(tracking.client(tracking_uri), experiment, matrix.name)
 
     @hookimpl
     def finished_cells(self, matrix: Any, tracking_uri: str, experiment: str) -> list[str]:

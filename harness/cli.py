@@ -375,7 +375,7 @@ def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
 def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
     from harness import report, summary, tracking
     from harness.matrix import read_toml
-    from harness.session import DEFAULT_EXPERIMENT, check_sqlite_store, check_tracking, resolve_tracking_uri, sqlite_path
+    from harness.session import DEFAULT_EXPERIMENT, check_tracking, resolve_tracking_uri, store_to_read
 
     data = read_toml(args.matrix)
     name = data.get("name", Path(args.matrix).stem)
@@ -383,14 +383,11 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
     results_dir = Path(args.results)
     uri = resolve_tracking_uri(results_dir, cli=args.tracking_uri or tracking_cfg.get("uri"))
     experiment = tracking_cfg.get("experiment", DEFAULT_EXPERIMENT)
-    if uri.startswith("sqlite:///"):  # reading creates nothing: no store there is nothing recorded
-        db = sqlite_path(uri)
-        if not db.is_file():
-            print(f"harness: nothing recorded: there is no tracking store at {db} (has matrix {name!r} run with "
-                  f"--results {results_dir}? --tracking-uri names another store)", file=sys.stderr)
-            return ExitCode.NO_CELLS
-        check_sqlite_store(db)
-    elif uri.startswith(("http://", "https://")):
+    if (missing := store_to_read(uri)) is not None:  # reading creates nothing: no store, nothing recorded
+        print(f"harness: nothing recorded: there is no tracking store at {missing} (has matrix {name!r} run with "
+              f"--results {results_dir}? --tracking-uri names another store)", file=sys.stderr)
+        return ExitCode.NO_CELLS
+    if uri.startswith(("http://", "https://")):
         check_tracking(uri)  # seconds, not MLflow's minutes of retries
     rows = tracking.report_rows(uri, experiment, name)
     if not rows:
@@ -480,7 +477,7 @@ def cmd_ui(args: argparse.Namespace, argv: list[str]) -> int:
 
     from harness import tracking
     from harness.matrix import read_toml
-    from harness.session import DEFAULT_EXPERIMENT, check_sqlite_store, resolve_tracking_uri, sqlite_path
+    from harness.session import DEFAULT_EXPERIMENT, resolve_tracking_uri, store_to_read
 
     if args.compare and not args.matrix:
         raise ConfigError("--compare needs --matrix: the matrix whose cells to compare")
@@ -492,13 +489,10 @@ def cmd_ui(args: argparse.Namespace, argv: list[str]) -> int:
         uri = uri or cfg.get("uri")
         experiment = cfg.get("experiment", DEFAULT_EXPERIMENT)
     uri = resolve_tracking_uri(Path(args.results), cli=uri)
-    if uri.startswith("sqlite:///"):  # the UI only reads: no store, nothing to show (and none is made)
-        db = sqlite_path(uri)
-        if not db.is_file():
-            print(f"harness: nothing recorded: there is no tracking store at {db} (run a matrix first, or name the "
-                  "store with --results / --tracking-uri)", file=sys.stderr)
-            return ExitCode.NO_CELLS
-        check_sqlite_store(db)
+    if (missing := store_to_read(uri)) is not None:  # the UI only reads: no store, nothing to show (none is made)
+        print(f"harness: nothing recorded: there is no tracking store at {missing} (run a matrix first, or name the "
+              "store with --results / --tracking-uri)", file=sys.stderr)
+        return ExitCode.NO_CELLS
     base = f"http://{args.host}:{args.port}"
     proc = tracking.launch_ui(uri, args.host, args.port)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)

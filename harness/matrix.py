@@ -237,10 +237,7 @@ def apply_sets(data: dict[str, Any], sets: Sequence[str], source: str) -> dict[s
         return data  # expand() names the problem
     axes = set(_read_axes(data.get("matrix", {}), source))
     for item in sets:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set epochs=1")
+        key, text = _key_value("--set", item, "epochs=1")
         if not _axis_path_ok(key):
             hint = close_matches(key, [*_axis_paths_hint().split(", ")])
             raise ConfigError(f"--set {item!r}: unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
@@ -637,13 +634,18 @@ def _typed(text: str, hint: Any) -> Any:
     return validate.check(value, hint)
 
 
+def _key_value(flag: str, item: str, example: str) -> tuple[str, str]:
+    """``key=value`` of a command-line ``flag`` as ``(key, value text)``."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{flag} {item!r}: expected key=value, e.g. {flag} {example}")
+    return key.strip(), value
+
+
 def _parse_only(only: Sequence[str], catalog: Catalog) -> dict[str, list[Any]]:
     filters: dict[str, list[Any]] = {}
     for item in only:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--only {item!r}: expected key=value, e.g. --only normalizer=vanilla_bn")
+        key, value = _key_value("--only", item, "normalizer=vanilla_bn")
         if not _axis_path_ok(key) and key.split(".")[0] not in COMPONENT_KINDS:
             raise ConfigError(f"--only {item!r}: unknown key {key!r}; a key is one of: {_axis_paths_hint()}")
         hint = hint_of(key, catalog)

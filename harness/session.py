@@ -201,6 +201,22 @@ def check_tracking(uri: str, timeout: float = 5.0) -> None:
             check_sqlite_store(db)
 
 
+def store_to_read(uri: str) -> Path | None:
+    """For a command that only reads the store (``report``, ``ui``): ``None`` when the store is
+    usable (a SQLite store is checked; a server is asked elsewhere), else the SQLite file that
+    does not exist, so nothing was recorded there (and nothing is created).
+
+    :raises HarnessError: the SQLite file is not a usable MLflow store.
+    """
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = sqlite_path(uri)
+    if not db.is_file():
+        return db
+    check_sqlite_store(db)
+    return None
+
+
 def sqlite_path(uri: str) -> Path:
     """The database file of a ``sqlite:///`` tracking URI."""
     return Path(uri[len("sqlite:///"):])

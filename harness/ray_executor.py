@@ -228,7 +228,8 @@ class RayExecutor:
                           f"127.0.0.1 (set {LOOPBACK_ENV}=0 before importing Ray): it listens on this machine's network "
                           "address", file=self.stream)
                 with _terminal_interrupts_ignored():  # Ray's own processes inherit it
-                    ray.init(include_dashboard=self.config.dashboard, dashboard_host="127.0.0.1", **quiet)
+                    # "local": a new instance, even where RAY_ADDRESS or a `ray start` on this machine names one
+                    ray.init(address="local", include_dashboard=self.config.dashboard, dashboard_host="127.0.0.1", **quiet)
                 self.owns_ray = True
         except ConnectionError as exc:
             raise HarnessError(
@@ -335,11 +336,13 @@ class RayExecutor:
             ray.get(warming)
         finally:
             probe.unlink(missing_ok=True)
-        problems = [f"  - node {host}: {problem}" for host, found in answers for problem in found]
+        hosts = [host for host, _ in answers]
+        names = [host if hosts.count(host) == 1 else f"{host} ({n['NodeID'][:8]})" for host, n in zip(hosts, nodes)]
+        problems = [f"  - node {name}: {problem}" for name, (_, found) in zip(names, answers) for problem in found]
         if problems:
             several = len(nodes) > 1
             raise HarnessError(
-                f"the preflight failed on {len({h for h, f in answers if f})} of {len(nodes)} node(s):\n" + "\n".join(problems)
+                f"the preflight failed on {sum(1 for _, found in answers if found)} of {len(nodes)} node(s):\n" + "\n".join(problems)
                 + ("\nEvery node must read the checkpoints the others write: put the results directory on shared storage, "
                    "or name a shared directory with `checkpoint_dir` in [execution]" if several and any("checkpoint" in p for p in problems) else "")
             )

@@ -1,8 +1,14 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -77,18 +83,58 @@ channels = [4, 8]
 """
 
 
+class RayCluster(NamedTuple):
+    """The Ray tests' cluster: ``ray`` (joined by this process), its ``address``, and ``unshared``:
+    a directory the second node cannot see (None where this machine cannot make one)."""
+
+    ray: Any
+    address: str
+    unshared: Path | None
+
+
+def _can_hide(directory: Path) -> bool:
+    """Whether a process here can have a private mount namespace with a tmpfs over ``directory``
+    (root, or a user namespace allowing it)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = f"mount -t tmpfs none {shlex.quote(str(directory))} && umount {shlex.quote(str(directory))}"
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", probe],
+                          capture_output=True).returncode == 0
+
+
 @pytest.fixture(scope="session")
-def ray_instance():
-    """One local Ray instance for the whole session (2 CPUs, loopback only, as the harness
-    starts its own); tests that use it run the ``ray`` executor in this process, which joins it.
-    The Ray tests' plugins (``ray_plugins``) travel to the workers by value."""
+def ray_instance(tmp_path_factory):
+    """One Ray cluster of two nodes for the whole session (one CPU each, loopback only, as the
+    harness starts its own): the head in this process, the second node in a process of its own,
+    where possible in a private mount namespace that hides ``unshared`` (storage the nodes do not
+    share). Tests run the ``ray`` executor in this process, which joins it. The Ray tests'
+    plugins (``ray_plugins``) travel to the workers by value."""
     from harness.ray_executor import LOOPBACK_ENV
 
     os.environ.setdefault(LOOPBACK_ENV, "0")
     import ray
     import ray_plugins
+    from ray.cluster_utils import Cluster
 
     ray.cloudpickle.register_pickle_by_value(ray_plugins)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
-    yield ray
+    unshared = tmp_path_factory.mktemp("unshared")
+    hide = _can_hide(unshared)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    node = [sys.executable, str(REPO / "tests" / "ray_node.py"), cluster.address]
+    if hide:
+        mount = f"mount -t tmpfs none {shlex.quote(str(unshared))} && exec {shlex.join(node)}"
+        node = ["unshare", "-m", "--propagation", "private", "sh", "-c", mount]
+    second = subprocess.Popen(node, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+    deadline = time.monotonic() + 60
+    while sum(n["Alive"] for n in ray.nodes()) < 2:
+        assert second.poll() is None and time.monotonic() < deadline, "the second Ray node did not start"
+        time.sleep(0.1)
+    yield RayCluster(ray, cluster.address, unshared if hide else None)
     ray.shutdown()
+    second.stdin.close()
+    try:
+        second.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        second.kill()
+    cluster.shutdown()

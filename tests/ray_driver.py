@@ -1,15 +1,12 @@
 """``harness run`` in a process of its own, with the Ray tests' plugins (a real driver a test can
-interrupt): ``python tests/ray_driver.py [--two-nodes] <harness run arguments>``.
+interrupt): ``python tests/ray_driver.py <harness run arguments>``.
 
 Ray is imported by the harness itself, as in a plain ``harness run`` (the test plugins are
-registered with Ray's pickler once the executor has started Ray). ``--two-nodes`` first starts a
-Ray cluster of two nodes on this machine (Ray's ``cluster_utils.Cluster``, one CPU each, on
-loopback) and runs the matrix on it with ``--address``.
+registered with Ray's pickler once the executor has started Ray).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -35,20 +32,7 @@ def main(argv: list[str]) -> int:
     ray_executor.RayExecutor.start = start
     from harness.cli import main as harness_main
 
-    if argv[:1] != ["--two-nodes"]:
-        return harness_main(["run", *argv])
-    os.environ.setdefault(ray_executor.LOOPBACK_ENV, "0")
-    import ray
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    try:
-        return harness_main(["run", *argv[1:], "--address", cluster.address])
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
+    return harness_main(["run", *argv])
 
 
 if __name__ == "__main__":

@@ -1,20 +1,24 @@
-"""The ``ray`` executor on a real local Ray instance (two CPUs, started once per session).
+"""The ``ray`` executor on a real Ray cluster of two nodes on this machine (one CPU each,
+started once per session; see ``conftest.ray_instance``).
 
-Cells run as Ray tasks, two at a time; their events stream back to the observers in this
-process. What is checked: the same numbers as ``serial`` at the same thread count, one MLflow run
-per cell under one parent, the events of each cell in order, a SIGKILLed worker's cell resumed
-from its checkpoint (or failed with ``max_retries = 0``), Ctrl-C (a real driver process), two
-nodes, and that workers never import MLflow.
+Cells run as Ray tasks, two at a time, one on each node; their events stream back to the
+observers in this process. What is checked: the same numbers as ``serial`` at the same thread
+count, one MLflow run per cell under one parent, the events of each cell in order, a SIGKILLed
+worker's cell resumed from its checkpoint (or failed with ``max_retries = 0``), Ctrl-C of a real
+driver process with a local instance of its own (which listens on loopback only), storage the
+nodes do not share, and that workers never import MLflow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -75,9 +79,9 @@ class EventLog:
         self._log("on_cell_end", cell, result=result)
 
 
-@pytest.fixture
-def harness_run(monkeypatch):
-    """``harness run`` in this process, with the slow trainer plugin and an :class:`EventLog`."""
+def _runner(monkeypatch):
+    """``harness run`` in this process, with the slow trainer plugin and, per call, an
+    :class:`EventLog` and further observers; ``run.executors`` keeps the ray executors made."""
     import harness.registry as registry_module
     from ray_plugins import SlowTrainers
 
@@ -106,10 +110,43 @@ def harness_run(monkeypatch):
             executors.append(self)
 
         monkeypatch.setattr(ray_executor.RayExecutor, "__init__", keep)
-        return cli.main(["run", "--matrix", str(matrix), "--results", str(results), *args])
+        try:
+            return cli.main(["run", "--matrix", str(matrix), "--results", str(results), *args])
+        finally:
+            monkeypatch.setattr(ray_executor.RayExecutor, "__init__", real_init)
 
     run.executors = executors
     return run
+
+
+@pytest.fixture
+def harness_run(monkeypatch):
+    return _runner(monkeypatch)
+
+
+EPOCHS = 4
+"""Every cell of these tests trains this many epochs of two batches (seeds 0 to 3)."""
+
+
+@pytest.fixture(scope="session")
+def serial(tmp_path_factory):
+    """What ``serial`` gives for the cells of these tests (seeds 0 to 3, at one thread, no
+    delay: the delay changes no number): ``(summary rows, MLflow metrics)`` by cell label."""
+    tmp = tmp_path_factory.mktemp("serial")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        run = _runner(monkeypatch)
+        matrix = _matrix(tmp, "[execution]\ncpus_per_cell = 1\n[matrix]\nseed = [0, 1, 2, 3]\n", "serial",
+                         epochs=EPOCHS, delay=0.0)
+        assert run(matrix, tmp / "results", "--executor", "serial") == 0
+    rows = {r["label"]: _row(r) for r in _summary(tmp / "results", "serial").values()}
+    runs = {r.data.tags["harness.cell_label"]: _stable(r.data.metrics) for r in _runs(tmp / "results", "serial")[2]}
+    return rows, runs
+
+
+def _row(row: dict) -> dict:
+    """A summary row's numbers: without the machine's timings, the ids (which name the matrix)
+    and the label and axis (a one-cell matrix has neither)."""
+    return {k: v for k, v in _stable(row).items() if k not in ("cell_id", "config_id", "matrix", "label", "seed")}
 
 
 def _summary(results: Path, name: str) -> dict[str, dict]:
@@ -136,37 +173,30 @@ seed = [0, 1, 2, 3]
 """
 
 
-def test_four_cells_two_at_a_time_give_serials_numbers_one_run_each_events_in_order(harness_run, tmp_path, capsys):
-    matrix = _matrix(tmp_path, FOUR, "ray4", epochs=2, delay=0.4)  # 1.6 s a cell: they overlap
-    (tmp_path / "ref").mkdir()
-    reference = _matrix(tmp_path / "ref", FOUR, "ray4", epochs=2, delay=0.0)  # the delay changes no number
-    assert harness_run(reference, tmp_path / "serial", "--executor", "serial") == 0
+def test_four_cells_two_at_a_time_on_two_nodes_give_serials_numbers_one_run_each_events_in_order(harness_run, serial, tmp_path, capsys):
+    matrix = _matrix(tmp_path, FOUR, "ray4", epochs=EPOCHS, delay=0.15)  # 1.2 s a cell: they overlap
     log = EventLog()
     capsys.readouterr()
     assert harness_run(matrix, tmp_path / "ray", "--executor", "ray", "--jobs", "2", log=log) == 0
-    assert "harness: ray: up to 2 cell(s) at a time, 1 CPU each, on 1 node(s)" in capsys.readouterr().err
+    assert "harness: ray: up to 2 cell(s) at a time, 1 CPU each, on 2 node(s)" in capsys.readouterr().err
 
-    by_label = lambda rows: {r["label"]: {k: v for k, v in _stable(r).items() if k not in ("cell_id", "config_id")}
-                             for r in rows.values()}  # noqa: E731
-    serial, ray_rows = _summary(tmp_path / "serial", "ray4"), _summary(tmp_path / "ray", "ray4")
-    assert len(ray_rows) == 4 and by_label(ray_rows) == by_label(serial)  # the same numbers, to the last digit
+    ray_rows = _summary(tmp_path / "ray", "ray4")
+    assert len(ray_rows) == 4 and {r["label"]: _row(r) for r in ray_rows.values()} == serial[0]  # to the last digit
 
     client, parents, cells = _runs(tmp_path / "ray", "ray4")
     assert len(parents) == 1 and len(cells) == 4  # exactly one run per cell, under one parent
     assert {r.data.tags["mlflow.parentRunId"] for r in cells} == {parents[0].info.run_id}
     assert all(r.info.status == "FINISHED" for r in cells)
-    _, _, serial_cells = _runs(tmp_path / "serial", "ray4")
-    by_seed = {r.data.tags["harness.cell_label"]: r for r in serial_cells}
     for run in cells:
-        assert _stable(run.data.metrics) == _stable(by_seed[run.data.tags["harness.cell_label"]].data.metrics)
+        assert _stable(run.data.metrics) == serial[1][run.data.tags["harness.cell_label"]]
         assert "pid" in run.data.tags["harness.worker"]  # where it ran
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_top1")] == [1, 2]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_top1")] == list(range(1, EPOCHS + 1))
 
     running, most = set(), 0
     for cid in ray_rows:  # each cell's events in order: start, (epoch start, batches, epoch end) x 2, end
         names = [(n, kw.get("epoch")) for c, n, kw in log.events if c == cid and n != "on_batch_end"]
-        assert names == [("on_cell_start", None), ("on_epoch_start", 1), ("on_epoch_end", 1),
-                         ("on_epoch_start", 2), ("on_epoch_end", 2), ("on_cell_end", None)]
+        epochs = [(name, e) for e in range(1, EPOCHS + 1) for name in ("on_epoch_start", "on_epoch_end")]
+        assert names == [("on_cell_start", None), *epochs, ("on_cell_end", None)]
         assert any(c == cid and n == "on_batch_end" for c, n, _ in log.events)
     for cid, name, _ in log.events:
         if name == "on_cell_start":
@@ -177,12 +207,12 @@ def test_four_cells_two_at_a_time_give_serials_numbers_one_run_each_events_in_or
     assert most == 2  # two cells at a time, never more
     executor = harness_run.executors[-1]
     assert all(not r.mlflow_imported for r in executor.reports.values())  # a worker never imports MLflow
-    assert len(executor.reports) == 4
+    assert len(executor.reports) == 4 and len({r.node_id for r in executor.reports.values()}) == 2  # both nodes ran cells
 
 
 def _slow_cell(tmp_path: Path, extra: str = "") -> Path:
-    """One cell of three epochs of two batches, 0.3 s a batch: a test acts on epoch 1 while the cell runs on."""
-    return _matrix(tmp_path, f"[execution]\ncpus_per_cell = 1\n{extra}\n", "killed", epochs=3, delay=0.3)
+    """One cell (seed 0), 0.3 s a batch: a test acts on epoch 1 while the cell runs on."""
+    return _matrix(tmp_path, f"[execution]\ncpus_per_cell = 1\n{extra}\n", "killed", epochs=EPOCHS, delay=0.3)
 
 
 def _killer(kills: list[int]):
@@ -199,9 +229,8 @@ def _killer(kills: list[int]):
     return on_event
 
 
-def test_a_sigkilled_worker_resumes_its_cell_from_the_checkpoint_in_a_new_worker(harness_run, tmp_path, capsys):
+def test_a_sigkilled_worker_resumes_its_cell_from_the_checkpoint_in_a_new_worker(harness_run, serial, tmp_path, capsys):
     matrix = _slow_cell(tmp_path, "")
-    assert harness_run(matrix, tmp_path / "serial", "--executor", "serial") == 0
     kills: list[int] = []
     log = EventLog(_killer(kills))
     assert harness_run(matrix, tmp_path / "ray", "--executor", "ray", log=log) == 0
@@ -209,16 +238,18 @@ def test_a_sigkilled_worker_resumes_its_cell_from_the_checkpoint_in_a_new_worker
     assert "worker died" in capsys.readouterr().err
     starts = [kw["info"] for _, n, kw in log.events if n == "on_cell_start"]
     assert len(starts) == 2 and starts[1]["resumed_from_epoch"] == 1 and starts[1]["worker_pid"] != kills[0]
-    assert [kw["epoch"] for _, n, kw in log.events if n == "on_epoch_end"] == [1, 2, 3]  # no epoch twice
+    every = list(range(1, EPOCHS + 1))
+    assert [kw["epoch"] for _, n, kw in log.events if n == "on_epoch_end"] == every  # no epoch twice
 
-    (cid, serial), = _summary(tmp_path / "serial", "killed").items()
-    assert _stable(_summary(tmp_path / "ray", "killed")[cid]) == _stable(serial)  # as if never killed
+    (cid, row), = _summary(tmp_path / "ray", "killed").items()
+    assert _row(row) == serial[0]["seed=0"]  # as if never killed
     client, _, cells = _runs(tmp_path / "ray", "killed")
     assert len(cells) == 1 and cells[0].info.status == "FINISHED"  # the same run went on
-    assert [m.step for m in client.get_metric_history(cells[0].info.run_id, "test_top1")] == [1, 2, 3]
+    assert _stable(cells[0].data.metrics) == serial[1]["seed=0"]
+    assert [m.step for m in client.get_metric_history(cells[0].info.run_id, "test_top1")] == every
     with (tmp_path / "ray" / "killed" / "history.csv").open() as fh:
-        epochs = [row["epoch"] for row in csv.DictReader(fh) if row["metric"] == "test_top1"]
-    assert epochs == ["1", "2", "3"]  # the result files hold every epoch once
+        epochs = [int(row["epoch"]) for row in csv.DictReader(fh) if row["metric"] == "test_top1"]
+    assert epochs == every  # the result files hold every epoch once
     assert not (tmp_path / "ray" / "killed" / "checkpoints" / cid).exists()  # finished: removed, by the driver
 
 
@@ -249,48 +280,110 @@ def _second_cell_running(proc, labels: tuple[str, str], epochs: int, lines: list
     raise AssertionError("the driver ended before both cells ran:\n" + "".join(lines))
 
 
-def test_ctrl_c_kills_both_running_cells_and_a_rerun_on_two_nodes_resumes_them(harness_run, tmp_path):
-    """A real driver process: Ctrl-C (SIGINT to its process group, as a terminal sends it) while
-    two cells run; both are KILLED with their checkpoints kept, exit 2. The rerun joins a cluster
-    of two Ray nodes: each node resumes one cell, with the numbers of an uninterrupted run."""
-    body = "[execution]\ncpus_per_cell = 1\n[matrix]\nseed = [0, 1]\n"
-    matrix = _matrix(tmp_path, body, "ctrlc", epochs=6, delay=0.3)
-    (tmp_path / "ref").mkdir()
-    reference = _matrix(tmp_path / "ref", body, "ctrlc", epochs=6, delay=0.0)  # the delay changes no number
-    assert harness_run(reference, tmp_path / "serial", "--executor", "serial") == 0
+def _listening(root: int) -> list[str]:
+    """The addresses the TCP sockets of process ``root`` and its descendants (or its session's
+    processes) listen on, read from /proc: ``["127.0.0.1:6379", ...]``."""
+    import ipaddress
 
+    parent, session = {}, {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(entry)], session[int(entry)] = int(fields[1]), int(fields[3])
+    tree = {root}
+    for _ in range(len(parent)):
+        grown = tree | {p for p, pp in parent.items() if pp in tree} | {p for p, sid in session.items() if sid == root}
+        if grown == tree:
+            break
+        tree = grown
+    inodes = set()
+    for pid in tree:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        inodes.add(link[8:-1])
+        except OSError:
+            continue
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # LISTEN
+                host, port = cols[1].split(":")
+                raw = bytes.fromhex(host)
+                raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # /proc's host byte order
+                address = ipaddress.ip_address(raw)
+                if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+                    address = address.ipv4_mapped
+                found.append(f"{address}:{int(port, 16)}")
+    return found
+
+
+def test_ctrl_c_kills_both_running_cells_and_a_rerun_on_two_nodes_resumes_them(harness_run, serial, tmp_path):
+    """A real driver process, which starts its own local Ray instance (this session's cluster,
+    which Ray's own ``ray.init()`` would join, is running): it listens on loopback only; Ctrl-C (SIGINT to its process group, as a terminal sends it) while two cells run kills
+    both, their checkpoints kept, exit 2. The rerun, on the two-node cluster, resumes one cell on
+    each node, with the numbers of an uninterrupted run."""
+    body = "[execution]\ncpus_per_cell = 1\n[matrix]\nseed = [0, 1]\n"
+    matrix = _matrix(tmp_path, body, "ctrlc", epochs=EPOCHS, delay=0.5)
     driver = [sys.executable, str(REPO / "tests" / "ray_driver.py")]
     results = tmp_path / "ray"
     args = ["-m", str(matrix), "--results", str(results), "--executor", "ray"]
-    proc = subprocess.Popen([*driver, *args], stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never this session's cluster
+    proc = subprocess.Popen([*driver, *args], stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp_path, env=env)
     lines: list[str] = []
+    watchdog = threading.Timer(120, os.killpg, (proc.pid, signal.SIGKILL))  # a driver that hangs fails the test
+    watchdog.start()
     try:
-        _second_cell_running(proc, ("seed=0", "seed=1"), 6, lines)
+        _second_cell_running(proc, ("seed=0", "seed=1"), EPOCHS, lines)
+        listening = _listening(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
         lines.append(proc.stderr.read())
         assert proc.wait(timeout=60) == 2, "".join(lines)
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    assert listening and all(a.startswith("127.0.0.1:") for a in listening), listening  # Ray's servers: loopback only
     out = "".join(lines)
     assert "2 killed" in out and "(interrupted)" in out and "Traceback" not in out
     assert "raylet" not in out and "Started a local Ray instance" not in out  # Ray's own lines stay out
-    assert "Ray was imported before" not in out  # the local instance the harness started is on loopback
+    assert "Ray was imported before" not in out
     _, _, cells = _runs(results, "ctrlc")
     assert sorted(r.info.status for r in cells) == ["KILLED", "KILLED"]
     assert len(list((results / "ctrlc" / "checkpoints").glob("*/last.pt"))) == 2  # both kept
 
-    rerun = subprocess.run([*driver, "--two-nodes", *args], capture_output=True, text=True, timeout=240, cwd=tmp_path)
-    assert rerun.returncode == 0, rerun.stderr
+    assert harness_run(matrix, results, "--executor", "ray") == 0  # this process: the two-node cluster
     client, parents, cells = _runs(results, "ctrlc")
     assert len(cells) == 2 and len(parents) == 2  # the same two cell runs went on, under the rerun's parent
     assert all(r.info.status == "FINISHED" and int(r.data.tags["harness.resumed_from_epoch"]) >= 1 for r in cells)
     nodes = {r.data.tags["harness.worker"].split(" node ")[1] for r in cells}
     assert len(nodes) == 2  # one cell on each node
-    expected = {r.data.tags["harness.cell_label"]: _stable(r.data.metrics) for r in _runs(tmp_path / "serial", "ctrlc")[2]}
-    assert {r.data.tags["harness.cell_label"]: _stable(r.data.metrics) for r in cells} == expected
+    assert {r.data.tags["harness.cell_label"]: _stable(r.data.metrics) for r in cells} == {
+        label: serial[1][label] for label in ("seed=0", "seed=1")}
     for run in cells:  # every epoch once, across the two driver processes
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_top1")] == list(range(1, 7))
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "test_top1")] == list(range(1, EPOCHS + 1))
+
+
+def test_a_results_directory_the_other_node_cannot_see_fails_the_preflight_with_what_to_do(harness_run, ray_instance, capsys):
+    """Storage not shared: the second node runs in a mount namespace of its own, where the
+    results directory (and so the checkpoint directory) is an empty tmpfs, as on another machine."""
+    if ray_instance.unshared is None:
+        pytest.skip("this machine cannot give a Ray node a private mount namespace (needs root or user namespaces)")
+    results = ray_instance.unshared / "results"
+    results.mkdir()
+    matrix = _slow_cell(results.parent)
+    assert harness_run(matrix, results, "--executor", "ray") == 4
+    err = capsys.readouterr().err
+    assert "the preflight failed on 1 of 2 node(s)" in err
+    assert f"cannot read the checkpoint directory the driver wrote ({results.resolve() / 'killed' / 'checkpoints'})" in err
+    assert "put the results directory on shared storage, or name a shared directory with `checkpoint_dir` in [execution]" in err
+    assert not _runs(results, "killed")[2]  # nothing trained
 
 
 def test_a_plugin_missing_where_the_cells_run_fails_the_preflight_naming_it(harness_run, tmp_path, monkeypatch, capsys):
@@ -309,7 +402,7 @@ def test_a_plugin_missing_where_the_cells_run_fails_the_preflight_naming_it(harn
     matrix = _slow_cell(tmp_path)
     assert harness_run(matrix, tmp_path / "ray", "--executor", "ray") == 4
     err = capsys.readouterr().err
-    assert "the preflight failed on 1 of 1 node(s)" in err
+    assert "the preflight failed on 2 of 2 node(s)" in err
     assert "needs trainer 'slow_bptt', which no plugin provides on node" in err and "Install the plugin's package" in err
     assert not _runs(tmp_path / "ray", "killed")[2]  # nothing trained (the store itself is opened during the preflight)
 
@@ -420,9 +513,3 @@ def test_a_cell_that_raises_is_failed_with_its_traceback_as_under_serial(harness
     assert result.status == "failed" and result.error_type == "ValueError"
     assert result.error.startswith("Traceback (most recent call last):") and "sleep length must be non-negative" in result.error
     assert "in train_batch" in result.error  # the worker's own frames: where it failed
-
-
-def test_the_local_instance_listens_on_loopback_only(ray_instance):
-    """The harness's local instance (and this session's, started the same way) has 127.0.0.1 as
-    its node address, so every Ray server binds there, not on a public interface."""
-    assert [n["NodeManagerAddress"] for n in ray_instance.nodes()] == ["127.0.0.1"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,8 @@ class DatasetBundle:
 
     ``temporal=False``: a sample is one static image ``[C, H, W]``, fed unchanged at every step.
     ``temporal=True``: a sample is a frame sequence ``[T, C, H, W]``, one frame per step.
+    ``files``: the files (or directories, taken whole) the samples were read from; a cell's run
+    records their checksum (:func:`harness.provenance.data_checksum`). Empty: not recorded.
     """
 
     train: Dataset
@@ -26,6 +29,7 @@ class DatasetBundle:
     num_classes: int
     input_size: tuple[int, int]
     temporal: bool = False
+    files: tuple[Path, ...] = ()
 
 
 def train_subset(dataset: Dataset, size: int | None, seed: int = 0) -> Dataset:

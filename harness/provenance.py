@@ -7,8 +7,16 @@
   version bump, so a finished result is never taken for one of code that has changed since.
 * :func:`environment` -- Python, torch, CUDA and cuDNN versions, the device's name, the thread
   count.
+* :func:`data_checksum` -- a checksum of the files the cell's data set was read from (what its
+  plugin lists in ``DatasetBundle.files``): SHA-256 over their contents and names relative to
+  where they lie, so a copy elsewhere gives the same value. A file's hash is computed once and
+  cached (keyed by path, size and modification time) in ``$SNN_HARNESS_CACHE_DIR`` (default
+  ``$XDG_CACHE_HOME/snn-harness`` or ``~/.cache/snn-harness``). Above ``max_bytes`` in all
+  (16 GiB by default, ``SNN_HARNESS_DATA_CHECKSUM_MAX_BYTES``), only names and sizes are hashed,
+  and the value says so (``names+sizes:...``).
 
-Recorded as tags of the cell's run (``harness.code.<distribution>``, ``harness.env.<key>``);
+Recorded as tags of the cell's run (``harness.code.<distribution>``, ``harness.env.<key>``,
+``harness.data.<key>``);
 ``harness run`` compares a finished cell's recorded code with the installed code and lists the
 cells whose code changed (``--rerun-changed`` runs them again). No torch at import.
 """
@@ -16,9 +24,13 @@ cells whose code changed (``--rerun-changed`` runs them again). No torch at impo
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import platform
 import re
 import sys
+import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +109,103 @@ def environment(device: Any = None) -> dict[str, str]:
         name = torch.cuda.get_device_name(device)
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": cuda, "cudnn": cudnn,
             "device_name": name, "threads": str(torch.get_num_threads())}
+
+
+ENV_CACHE_DIR = "SNN_HARNESS_CACHE_DIR"
+ENV_DATA_MAX_BYTES = "SNN_HARNESS_DATA_CHECKSUM_MAX_BYTES"
+DATA_MAX_BYTES = 16 * 2**30
+CHUNK = 2**20
+
+
+def cache_dir() -> Path:
+    """Where the harness keeps what it computes once per machine (the data files' hashes)."""
+    if os.environ.get(ENV_CACHE_DIR):
+        return Path(os.environ[ENV_CACHE_DIR]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "snn-harness"
+
+
+class FileHashes:
+    """SHA-256 of files, cached in one JSON file: ``{path: [size, mtime_ns, hex]}``. A hash is
+    reused while the file's size and modification time are those recorded. The cache is read
+    once and written back (merged with what another process wrote meanwhile, atomically) by
+    :meth:`save`; a cache that cannot be read or written is ignored, never an error."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path if path is not None else cache_dir() / "data-checksums.json"
+        self.known = self._read()
+        self.fresh: dict[str, list[Any]] = {}
+
+    def _read(self) -> dict[str, list[Any]]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def sha256(self, path: Path, stat: os.stat_result) -> str:
+        key = str(path)
+        entry = self.known.get(key)
+        if isinstance(entry, list) and len(entry) == 3 and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
+            return str(entry[2])
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+        self.fresh[key] = self.known[key] = [stat.st_size, stat.st_mtime_ns, digest.hexdigest()]
+        return digest.hexdigest()
+
+    def save(self) -> None:
+        if not self.fresh:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            merged = {**self._read(), **self.fresh}
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".data-checksums.")
+            with os.fdopen(fd, "w") as fh:
+                json.dump(merged, fh)
+            os.replace(tmp, self.path)
+            self.fresh = {}
+        except OSError:
+            pass
+
+
+def _data_files(entries: Sequence[Path]) -> list[tuple[str, Path]]:
+    """``(name, path)`` of every regular file of ``entries`` (a directory: every file below it),
+    the names relative to the entries' common parent, sorted by name."""
+    paths = [Path(e).resolve() for e in entries]
+    base = Path(os.path.commonpath([p.parent for p in paths]))
+    found: dict[str, Path] = {}
+    for p in paths:
+        files: Iterable[Path] = (f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        for f in files:
+            found[f.relative_to(base).as_posix()] = f
+    return sorted(found.items())
+
+
+def data_checksum(entries: Sequence[Path], hashes: FileHashes | None = None, max_bytes: int | None = None) -> dict[str, str]:
+    """The checksum of a data set's files: ``{"checksum": "sha256:<16 hex>", "files": "<n>",
+    "bytes": "<total>"}`` (``names+sizes:<16 hex>`` above ``max_bytes``); ``{}`` for no files;
+    ``{"checksum": "unavailable: <reason>"}`` where a file cannot be read."""
+    if not entries:
+        return {}
+    if max_bytes is None:
+        max_bytes = int(os.environ.get(ENV_DATA_MAX_BYTES) or DATA_MAX_BYTES)
+    try:
+        files = [(name, path, path.stat()) for name, path in _data_files(entries)]
+        total = sum(st.st_size for _, _, st in files)
+        digest = hashlib.sha256()
+        by_content = total <= max_bytes
+        hashes = hashes if hashes is not None else (FileHashes() if by_content else None)
+        for name, path, st in files:
+            part = hashes.sha256(path, st) if hashes is not None and by_content else str(st.st_size)
+            digest.update(f"{name}\0{part}\n".encode())
+    except OSError as exc:
+        return {"checksum": f"unavailable: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")}
+    finally:
+        if hashes is not None:
+            hashes.save()
+    kind = "sha256" if by_content else "names+sizes"
+    return {"checksum": f"{kind}:{digest.hexdigest()[:16]}", "files": str(len(files)), "bytes": str(total)}
 
 
 def changed(recorded: dict[str, str], current: dict[str, str]) -> list[str]:

@@ -36,7 +36,7 @@ from harness.errors import HarnessError
 from harness.events import CellResult, checkpoint_done, error_message, interrupts_deferred
 from harness.matrix import Cell
 from harness.meters.cell import CellMeters, model_size
-from harness.provenance import Provenance, environment
+from harness.provenance import Provenance, data_checksum, environment
 from harness.registry import Registry
 from harness.snn import collect_epoch_metrics
 
@@ -128,7 +128,8 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
         parts.model, parts.trainer, parts.loss_fn, parts.optimizer, parts.scheduler, parts.meters)
     static = model_size(model)
     info: dict[str, Any] = {"device": str(device), **static, "train_size": len(train_set), "test_size": len(data.test), **notes,
-                            "provenance": {"code": Provenance(registry).code(cfg), "env": environment(device)}}
+                            "provenance": {"code": Provenance(registry).code(cfg), "env": environment(device),
+                                           "data": data_checksum(data.files)}}
     best, first_epoch = -math.inf, 1
     if state is not None:
         first_epoch, best = int(state["epoch"]) + 1, float(state["best"])

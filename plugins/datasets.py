@@ -35,10 +35,13 @@ def digits(test_fraction: float = 0.2, split_seed: int = 0) -> DatasetBundle:
     A fixed stratified split (``split_seed``) keeps ``test_fraction`` of the images for testing;
     pixel values 0..16 are scaled to [0, 1].
     """
+    from importlib.resources import files
+
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     data = load_digits()
+    source = Path(str(files("sklearn.datasets.data") / "digits.csv.gz"))  # what load_digits reads
     x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(data.target, dtype=torch.long)
     train_idx, test_idx = train_test_split(
@@ -50,6 +53,7 @@ def digits(test_fraction: float = 0.2, split_seed: int = 0) -> DatasetBundle:
         in_channels=1,
         num_classes=10,
         input_size=(8, 8),
+        files=(source,),
     )
 
 
@@ -86,7 +90,8 @@ def fashion_mnist(
         x = ds.data.unsqueeze(1).float().div_(255.0).sub_(FASHION_MNIST_MEAN).div_(FASHION_MNIST_STD)
         return TensorDataset(x, ds.targets.long())
 
-    return DatasetBundle(train=tensors(train), test=tensors(test), in_channels=1, num_classes=10, input_size=(28, 28))
+    return DatasetBundle(train=tensors(train), test=tensors(test), in_channels=1, num_classes=10, input_size=(28, 28),
+                         files=tuple(raw / f for f in FASHION_MNIST_FILES))
 
 
 def _copy_idx_files(src: Path, raw: Path) -> bool:

@@ -540,7 +540,8 @@ def dvs_gesture(
         transform=gesture_train_transform(size, crop_scale, rotation, train_frames), **common,
     )
     test = EventFrames(readers[False], _sorted_indices(readers[False]), transform=_resize(size), **common)
-    return DatasetBundle(train=train, test=test, in_channels=2, num_classes=11, input_size=(size, size), temporal=True)
+    return DatasetBundle(train=train, test=test, in_channels=2, num_classes=11, input_size=(size, size), temporal=True,
+                         files=tuple(Path(p) for r in (readers[True], readers[False]) for p in r.data))
 
 
 def cifar10_dvs(
@@ -575,7 +576,8 @@ def cifar10_dvs(
     common = dict(time_steps=time_steps, cache_dir=cache_dir, split_by=split_by, denoise_us=denoise_us)
     train = EventFrames(reader, train_idx, transform=cifar10_dvs_train_transform(size, crop_scale, flip, nda), **common)
     test = EventFrames(reader, test_idx, transform=_resize(size), **common)
-    return DatasetBundle(train=train, test=test, in_channels=2, num_classes=10, input_size=(size, size), temporal=True)
+    return DatasetBundle(train=train, test=test, in_channels=2, num_classes=10, input_size=(size, size), temporal=True,
+                         files=tuple(Path(p) for p in reader.data))
 
 
 @hookimpl

@@ -134,7 +134,9 @@ def _cifar(
         test = cls(root, train=False, transform=test_tf)
     except Exception as exc:  # no network, a proxy, a failed md5 check, a broken archive
         raise DatasetNotFoundError(_cifar_problem(cls, title, name, root, download, exc)) from exc
-    return DatasetBundle(train=train, test=test, in_channels=3, num_classes=num_classes, input_size=(32, 32))
+    folder = Path(root) / cls.base_folder
+    return DatasetBundle(train=train, test=test, in_channels=3, num_classes=num_classes, input_size=(32, 32),
+                         files=tuple(folder / f for f in _cifar_files(cls)))
 
 
 def _cifar_files(cls: Any) -> list[str]:
@@ -213,7 +215,8 @@ def imagenet(root: str = "data/imagenet", image_size: int = 224, resize: int = 2
             )
         )
     return DatasetBundle(
-        train=train, test=test, in_channels=3, num_classes=len(train.classes), input_size=(image_size, image_size)
+        train=train, test=test, in_channels=3, num_classes=len(train.classes), input_size=(image_size, image_size),
+        files=(base / "train", base / "val"),
     )
 
 

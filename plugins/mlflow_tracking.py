@@ -37,11 +37,13 @@ def _warning_tags(info: dict[str, Any]) -> dict[str, str]:
 
 
 def _provenance_tags(info: dict[str, Any]) -> dict[str, str]:
-    """The code (``harness.code.<distribution>``) and environment (``harness.env.<key>``) the
-    cell runs with (tags: a resumed run takes those of the code that finishes it)."""
+    """The code (``harness.code.<distribution>``), environment (``harness.env.<key>``) and data
+    files (``harness.data.checksum``, ``.files``, ``.bytes``) the cell runs with (tags: a resumed
+    run takes those of the code that finishes it)."""
     prov = info.get("provenance") or {}
     return {**{f"{tracking.TAG_CODE_PREFIX}{k}": v for k, v in prov.get("code", {}).items()},
-            **{f"harness.env.{k}": v for k, v in prov.get("env", {}).items()}}
+            **{f"harness.env.{k}": v for k, v in prov.get("env", {}).items()},
+            **{f"harness.data.{k}": v for k, v in prov.get("data", {}).items()}}
 
 
 def _worker_tags(info: dict[str, Any]) -> dict[str, str]:

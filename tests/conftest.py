@@ -5,6 +5,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -15,6 +16,8 @@ import pytest
 # Our own tests see only the built-in plugins, whatever else is installed.
 os.environ["SNN_HARNESS_DISABLE_PLUGIN_AUTOLOAD"] = "1"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# What the harness caches per machine (data files' hashes) goes to a directory of this session's.
+os.environ["SNN_HARNESS_CACHE_DIR"] = tempfile.mkdtemp(prefix="snn-harness-test-cache-")
 
 REPO = Path(__file__).resolve().parents[1]
 

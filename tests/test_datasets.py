@@ -76,6 +76,9 @@ def test_fashion_mnist_from_uncompressed_files_in_root(tmp_path):
     _fake_fashion_mnist(tmp_path / "FashionMNIST" / "raw", gz=False, n_train=7)
     bundle = fashion_mnist(root=str(tmp_path), search_dirs=[], download=False)
     assert len(bundle.train) == 7
+    raw = tmp_path / "FashionMNIST" / "raw"  # the files read, for the checksum the cell's run records
+    assert bundle.files == tuple(raw / f for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                                                   "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"))
 
 
 def test_fashion_mnist_missing_gives_one_clear_error(tmp_path):
@@ -99,6 +102,8 @@ def test_digits_split_is_fixed_and_stratified():
     counts = torch.bincount(a.test.tensors[1], minlength=10)
     assert counts.min() >= 35  # every class is in the test split
     assert a.train.tensors[0].max() <= 1.0 and a.input_size == (8, 8)
+    (source,) = a.files  # the file load_digits reads
+    assert source.name == "digits.csv.gz" and source.is_file()
 
 
 def test_train_subset_is_fixed_and_independent_of_the_cell_seed():

@@ -268,6 +268,9 @@ def test_dvs_gesture_loads_offline_with_train_frames_and_known_events(tmp_path, 
     assert (bundle.in_channels, bundle.num_classes, bundle.input_size, bundle.temporal) == (2, 11, (48, 48), True)
     assert len(bundle.train) == 6 and len(bundle.test) == 4
     assert sorted(bundle.train.targets) == [0, 0, 1, 1, 2, 2]
+    base = tmp_path / "DVSGesture"  # every recording read, and only those (not the frame cache)
+    assert sorted(f.relative_to(base).as_posix() for f in bundle.files) == sorted(
+        p.relative_to(base).as_posix() for p in base.rglob("*.npy"))
 
     x, y = bundle.train[0]
     assert x.shape == (14, 2, 48, 48) and x.dtype == torch.float32 and isinstance(y, int)
@@ -503,6 +506,7 @@ def test_cifar10_dvs_loads_offline_splits_per_class_and_augments(tmp_path, no_ne
     assert [bundle.train.source(i).name for i in range(10)] == [f"cifar10_{c}_0.aedat4" for c in dvs.CIFAR10_DVS_CLASSES]
     assert [bundle.test.source(i).name for i in range(10)] == [f"cifar10_{c}_1.aedat4" for c in dvs.CIFAR10_DVS_CLASSES]
     assert bundle.train.targets == list(range(10)) == bundle.test.targets
+    assert sorted(f.relative_to(tmp_path / "CIFAR10DVS").as_posix() for f in bundle.files) == sorted(written)
 
     x, y = bundle.train[4]
     assert x.shape == (10, 2, 48, 48) and y == 4

@@ -124,6 +124,11 @@ def test_cifar10_loads_the_release_format_through_the_registry(tmp_path, registr
     assert (bundle.in_channels, bundle.num_classes, bundle.input_size, bundle.temporal) == (3, 10, (32, 32), False)
     assert len(bundle.train) == 10 and len(bundle.test) == 3
     assert bundle.train.classes[1] == "automobile"
+    folder = tmp_path / "cifar-10-batches-py"  # the files read, for the checksum the cell's run records
+    assert sorted(bundle.files) == sorted(folder / f for f in
+                                          ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4",
+                                           "data_batch_5", "test_batch", "batches.meta"])
+    assert all(f.is_file() for f in bundle.files)
     # Labels in file order across the five batches.
     assert [bundle.train[i][1] for i in range(10)] == train_y.tolist()
     assert [bundle.test[i][1] for i in range(3)] == test_y.tolist()
@@ -348,6 +353,7 @@ def test_imagenet_loads_an_imagefolder_tree(tmp_path, registry):
     bundle = registry.datasets["imagenet"](root=str(tmp_path))
     assert (bundle.in_channels, bundle.num_classes, bundle.input_size, bundle.temporal) == (3, 2, (224, 224), False)
     assert len(bundle.train) == 4 and len(bundle.test) == 4 and bundle.train.classes == ["n01440764", "n01443537"]
+    assert bundle.files == (tmp_path / "train", tmp_path / "val")  # the trees, taken whole by the checksum
     x, y = bundle.test[3]
     assert x.shape == (3, 224, 224) and y == 1
     by_hand = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

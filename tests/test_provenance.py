@@ -71,6 +71,106 @@ def test_each_cell_run_carries_its_code_and_environment(ran):
         assert not any(k.startswith("info.provenance") for k in run.data.params)  # tags, not params
 
 
+def test_each_cell_run_carries_the_checksum_of_its_data_sets_files(ran):
+    from importlib.resources import files
+
+    source = Path(str(files("sklearn.datasets.data") / "digits.csv.gz"))
+    expected = provenance.data_checksum([source])
+    assert expected["checksum"].startswith("sha256:") and expected["files"] == "1"
+    for run in _cell_runs(ran[1]):
+        tags = run.data.tags
+        assert tags["harness.data.checksum"] == expected["checksum"]
+        assert tags["harness.data.bytes"] == str(source.stat().st_size) and tags["harness.data.files"] == "1"
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _tree(root: Path) -> list[Path]:
+    (root / "sub").mkdir(parents=True)
+    (root / "train.bin").write_bytes(b"\x00\x01" * 100)
+    (root / "sub" / "test.bin").write_bytes(b"test images")
+    return [root / "train.bin", root / "sub" / "test.bin"]
+
+
+def test_the_data_checksum_is_sha256_over_names_and_contents_wherever_the_files_lie(tmp_path):
+    files = _tree(tmp_path / "a")
+    hashes = provenance.FileHashes(tmp_path / "cache.json")
+    got = provenance.data_checksum(files, hashes)
+    names = sorted([("sub/test.bin", b"test images"), ("train.bin", b"\x00\x01" * 100)])
+    expected = _sha("".join(f"{n}\0{_sha(c)}\n" for n, c in names).encode())[:16]
+    assert got == {"checksum": f"sha256:{expected}", "files": "2", "bytes": str(200 + 11)}
+
+    import shutil
+
+    shutil.copytree(tmp_path / "a", tmp_path / "elsewhere" / "b")  # a copy in another place
+    copy = [tmp_path / "elsewhere" / "b" / "train.bin", tmp_path / "elsewhere" / "b" / "sub" / "test.bin"]
+    assert provenance.data_checksum(copy, hashes) == got
+    copy[1].write_bytes(b"test imageS")  # one byte
+    assert provenance.data_checksum(copy, hashes)["checksum"] != got["checksum"]
+    copy[1].rename(copy[1].with_name("other.bin"))  # a name
+    assert provenance.data_checksum([copy[0], copy[1].with_name("other.bin")], hashes)["checksum"] != got["checksum"]
+    # a directory is taken whole: every file below it, named from the directory's parent
+    whole = provenance.data_checksum([tmp_path / "a"], hashes)
+    assert whole["files"] == "2" and whole["checksum"] == "sha256:" + _sha(
+        "".join(f"a/{n}\0{_sha(c)}\n" for n, c in names).encode())[:16]
+    assert provenance.data_checksum([], hashes) == {}
+
+
+def test_a_files_hash_is_computed_once_and_reused_while_its_size_and_time_stay(tmp_path):
+    import json
+    import os
+
+    files = _tree(tmp_path / "a")
+    cache = tmp_path / "cache" / "data-checksums.json"
+    first = provenance.data_checksum(files, provenance.FileHashes(cache))
+    recorded = json.loads(cache.read_text())
+    assert recorded[str(files[1].resolve())][2] == _sha(b"test images")
+
+    stat = files[1].stat()
+    files[1].write_bytes(b"TEST IMAGES")  # the same size, and the same time put back: the cached hash is used
+    os.utime(files[1], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert provenance.data_checksum(files, provenance.FileHashes(cache)) == first
+    os.utime(files[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: hashed again
+    assert provenance.data_checksum(files, provenance.FileHashes(cache))["checksum"] != first["checksum"]
+
+    cache.write_text("{not json")  # a broken cache is recomputed and written anew, never an error
+    assert provenance.data_checksum(files, provenance.FileHashes(cache))["checksum"] != first["checksum"]
+    assert str(files[1].resolve()) in json.loads(cache.read_text())
+
+
+def test_the_cache_lives_where_the_environment_says(tmp_path, monkeypatch):
+    monkeypatch.setenv(provenance.ENV_CACHE_DIR, str(tmp_path / "c"))
+    assert provenance.FileHashes().path == tmp_path / "c" / "data-checksums.json"
+    monkeypatch.delenv(provenance.ENV_CACHE_DIR)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert provenance.cache_dir() == tmp_path / "xdg" / "snn-harness"
+    files = _tree(tmp_path / "a")
+    provenance.data_checksum(files)
+    assert (tmp_path / "xdg" / "snn-harness" / "data-checksums.json").is_file()
+
+
+def test_above_the_size_limit_only_names_and_sizes_are_hashed_and_the_value_says_so(tmp_path):
+    files = _tree(tmp_path / "a")
+    hashes = provenance.FileHashes(tmp_path / "cache.json")
+    small = provenance.data_checksum(files, hashes, max_bytes=100)
+    expected = _sha("".join(f"{n}\0{size}\n" for n, size in [("sub/test.bin", 11), ("train.bin", 200)]).encode())[:16]
+    assert small == {"checksum": f"names+sizes:{expected}", "files": "2", "bytes": "211"}
+    assert not (tmp_path / "cache.json").exists()  # nothing read, nothing cached
+    files[0].write_bytes(b"\x00" * 201)
+    assert provenance.data_checksum(files, hashes, max_bytes=100)["checksum"] != small["checksum"]
+
+
+def test_a_data_file_that_cannot_be_read_is_recorded_as_such_not_an_error(tmp_path):
+    files = _tree(tmp_path / "a")
+    files[1].unlink()
+    got = provenance.data_checksum(files, provenance.FileHashes(tmp_path / "cache.json"))
+    assert got == {"checksum": f"unavailable: No such file or directory: {files[1].resolve()}"}
+
+
 def test_a_finished_cell_whose_code_changed_is_listed_and_rerun_changed_runs_it(ran, monkeypatch, capsys):
     path, results = ran
     capsys.readouterr()

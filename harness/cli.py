@@ -512,6 +512,7 @@ def cmd_ui(args: argparse.Namespace, argv: list[str]) -> int:
         links = tracking.ui_links(uri, experiment, name, base)
         print(f"MLflow UI on {base}  (store: {uri}); Ctrl-C to stop", flush=True)
         said = {"experiment": f"runs of experiment {experiment!r}", "cells": f"the cells of matrix {name!r}, best first",
+                "charts": f"the cells of matrix {name!r} as charts (each metric per epoch)",
                 "compare": f"the cells of matrix {name!r} side by side (params, metrics, plots)"}
         for key, url in links.items():
             print(f"  {said[key]}: {url}", flush=True)

@@ -66,7 +66,8 @@ def ensure_experiment(mlflow_client: Any, name: str, artifact_root: Path | None)
 
 def ui_links(uri: str, experiment: str, matrix_name: str | None, base: str) -> dict[str, str]:
     """Where the MLflow UI at ``base`` shows the harness's runs: ``experiment`` (its runs page),
-    and for a matrix ``cells`` (its cell runs only, best test accuracy first) and ``compare``
+    and for a matrix ``cells`` (its cell runs only, best test accuracy first), ``charts`` (the
+    same runs in the chart view: each metric per epoch, one line per cell) and ``compare``
     (MLflow's compare-runs view of its cells: params and metrics side by side, with plots).
     Empty when the experiment does not exist."""
     import json
@@ -88,6 +89,7 @@ def ui_links(uri: str, experiment: str, matrix_name: str | None, base: str) -> d
     search = urlencode({"searchFilter": f"tags.`{TAG_MATRIX}` = '{matrix_name}' and tags.`{TAG_KIND}` = 'cell'",
                         "orderByKey": "metrics.`test_top1`", "orderByAsc": "false"}, quote_via=quote)
     links["cells"] = f"{base}/#/experiments/{exp.experiment_id}/runs?{search}&{mode}"
+    links["charts"] = f"{links['cells']}&compareRunsMode=CHART"
     if latest:
         runs, exps = json.dumps(sorted(latest.values())), json.dumps([exp.experiment_id])
         links["compare"] = f"{base}/#/compare-runs?runs={quote(runs, safe='')}&experiments={quote(exps, safe='')}&{mode}"

@@ -1,11 +1,13 @@
 """What the MLflow UI shows, read by a real headless Chromium from a real ``harness ui`` on
 127.0.0.1: the experiment is a classic one (runs, not traces), and the compare-runs link the UI
-command prints shows the matrix's cells with their normalizers and ``test_top1``. A screenshot
+command prints shows the matrix's cells with their normalizers and ``test_top1``, and the chart
+view of the cells charts their metrics. A screenshot
 of the page is kept in ``results/test-artifacts/``. Skipped, with the reason, where Chromium is
 not installed (the CI set-up installs Debian's ``chromium``)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -53,14 +55,15 @@ def ui(tmp_path_factory):
     links: dict[str, str] = {}
     deadline = time.monotonic() + 90
     try:
-        while len(links) < 3 and time.monotonic() < deadline:
+        said = {"runs of experiment": "experiment", "side by side": "compare", "as charts": "charts", "best first": "cells"}
+        while len(links) < len(said) and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break
             if ": http" in line:
-                key = "experiment" if "runs of experiment" in line else "compare" if "side by side" in line else "cells"
+                (key,) = [k for text, k in said.items() if text in line]
                 links[key] = line.split(": http", 1)[1].strip().join(("http", ""))
-        assert len(links) == 3, f"harness ui printed {links}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
+        assert len(links) == len(said), f"harness ui printed {links}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
         yield links
     finally:
         proc.terminate()
@@ -82,5 +85,12 @@ def test_the_experiment_opens_on_its_runs_not_on_traces(ui):
     dom = _chromium(ui["experiment"], "--dump-dom")  # the experiment's own page: MLflow picks the tab
     assert "matching runs" in dom and "ui-check" in dom, "the experiment did not open on its runs"  # the matrix's parent run
     assert "Token Usage" not in dom and "Detect Issues" not in dom  # not the GenAI overview of (no) traces
-    cells = _chromium(ui["cells"], "--dump-dom")
-    assert "normalizer=vanilla_bn" in cells and "normalizer=osr" in cells  # the matrix's cell runs are listed
+    # the cells link in the chart view: the matrix's cell runs are listed, and their metrics
+    # charted (the parent run alone, or the GenAI mode, shows "Model metrics (0)")
+    assert ui["charts"] == ui["cells"] + "&compareRunsMode=CHART"
+    charts = _chromium(ui["charts"], "--dump-dom")
+    assert "normalizer=vanilla_bn" in charts and "normalizer=osr" in charts
+    text = re.sub(r"<[^>]+>", " ", charts)
+    shown = re.search(r"Model metrics\s*\(\s*(\d+)\s*\)", text)
+    assert shown and int(shown.group(1)) >= 10, "the chart view charts no metrics of the cells"
+    assert re.search(r"osr_fallback_rate\s*\(", text)  # a section of per-layer charts

@@ -32,7 +32,7 @@ The matrix: scikit-learn's digits (1437 training, 360 test images), ``vgg_small`
 T = 4, the online trainer, ``--epochs`` epochs, 4 seeds, on the CPU.
 
 Output: ``<out>/executors.md`` (also printed) and ``<out>/executors.json`` (every sample).
-Example: ``python benchmarks/executors.py --rounds 3 --epochs 50 --out results/executors`` (about half an hour
+Example: ``python benchmarks/executors.py --rounds 3 --epochs 100 --out results/executors`` (about 40 minutes
 on a 2-core machine).
 """
 

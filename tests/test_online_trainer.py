@@ -137,7 +137,7 @@ def test_trace_gradient_matches_a_hand_computed_two_layer_example():
 
     # By hand: spikes of layer 1, their trace a[t] = 0.5 a[t-1] + s[t], the readout gradient per step.
     with torch.no_grad():
-        u, s_seq = None, []
+        u, v, s_seq = None, None, []
         for t in range(3):
             i1 = lin1(x[t])
             u = i1 if u is None else 0.5 * v + i1

@@ -153,7 +153,7 @@ def test_fallback_switches_exactly_at_the_ratio_bound():
         osr_value = _osr()
         expected = plain if falls_back else run_sequence(osr_value, x, "single")[0]
         torch.testing.assert_close(y[0].detach(), expected.detach(), atol=1e-5, rtol=1e-5)
-        assert collect_epoch_metrics(n) == {f"osr_fallback_rate/model": float(falls_back), "osr_fallback_rate": float(falls_back)}
+        assert collect_epoch_metrics(n) == {"osr_fallback_rate/model": float(falls_back), "osr_fallback_rate": float(falls_back)}
 
 
 def test_zero_variance_step_is_finite_and_falls_back():

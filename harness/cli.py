@@ -358,6 +358,20 @@ def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
             )
             table.add_row(*map(escape, cells))  # descriptions hold equations like o[t]: not markup
         console.print(table)
+    if args.kind is None:  # which plugin implements which hook; the observers a run registers
+        from harness.registry import plugin_hooks, register_observers
+
+        components = {name for name, _, _ in plugin_hooks(pm)}
+        register_observers(pm)
+        for title, rows in (("plugins and the hooks they implement", [r for r in plugin_hooks(pm) if r[0] in components]),
+                            ("observers (registered for each run) and the hooks they implement",
+                             [r for r in plugin_hooks(pm) if r[0] not in components])):
+            table = Table(title=title, title_justify="left")
+            for col in ("name", "package", "hooks"):
+                table.add_column(col, overflow="fold")
+            for name, dist, hooks in rows:
+                table.add_row(escape(name), escape(dist), escape(", ".join(hooks)))
+            console.print(table)
     if pm.broken:
         from harness.registry import ENV_BLOCK
 

@@ -386,6 +386,22 @@ def register_observers(pm: pluggy.PluginManager) -> None:
     _check_pending(pm)  # a misspelled lifecycle hook on an observer fails here, not silently
 
 
+def plugin_hooks(pm: pluggy.PluginManager) -> list[tuple[str, str, list[str]]]:
+    """``(plugin name, distribution, hooks it implements)`` for every plugin registered in
+    ``pm``, observers included once :func:`register_observers` ran (their name is
+    ``<plugin>.<name>``), in registration order; the distribution (``"name version"``) is the one
+    whose entry point loaded it (an observer: its plugin's), else ``"(registered from code)"``."""
+    dists: dict[str, str] = dict(getattr(pm, "packages", {}))  # what get_plugin_manager loaded
+    rows = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:  # blocked
+            continue
+        hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
+        dist = dists.get(name) or dists.get(name.split(".", 1)[0]) or "(registered from code)"
+        rows.append((name, dist, hooks))
+    return rows
+
+
 def get_registry(**kwargs: Any) -> Registry:
     """The registry of every installed plugin (a fresh one per call). See :func:`get_plugin_manager`."""
     return build_registry(get_plugin_manager(**kwargs))

@@ -286,6 +286,57 @@ def test_list_shows_plugins_by_kind_with_their_package(capsys):
     assert "theta[t] = theta" in out and "channels: list[int]" in out  # brackets are text, not markup
 
 
+def _table_rows(out: str, title: str) -> dict[str, list[str]]:
+    """The rows of the table of ``harness list`` titled ``title``: first cell -> the other cells."""
+    block = out.split(title, 1)[1].split("└", 1)[0]
+    rows = {}
+    for line in block.splitlines():
+        cells = [c.strip() for c in line.strip().strip("│").split("│")]
+        if len(cells) >= 3 and cells[0] and cells[0] != "name":
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_list_shows_which_plugin_implements_which_hook_and_the_observers_a_run_registers(monkeypatch, capsys):
+    from harness import hookimpl
+    from harness.registry import plugin_hooks
+
+    class Mine:
+        @hookimpl
+        def register_normalizers(self, registry):
+            pass
+
+        @hookimpl
+        def register_observers(self, observers):
+            class Watcher:
+                @hookimpl
+                def on_epoch_end(self, cell, epoch, metrics):
+                    pass
+
+            observers.add(Watcher(), "watcher")
+
+    import harness.registry as registry_module
+
+    real = registry_module.get_plugin_manager
+    monkeypatch.setattr(registry_module, "get_plugin_manager", lambda **kw: real(extra_plugins=[(Mine(), "mine")], **kw))
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["list"]) == ExitCode.OK
+    out = capsys.readouterr().out
+    plugins = _table_rows(out, "plugins and the hooks they implement")
+    assert plugins["normalizers"] == ["snn-harness 0.1.0", "register_normalizers"]
+    assert plugins["mine"] == ["(registered from code)", "register_normalizers, register_observers"]
+    assert "mlflow_tracking.tracker" not in plugins
+    observers = _table_rows(out, "observers (registered for each run) and the hooks they implement")
+    assert observers["mine.watcher"] == ["(registered from code)", "on_epoch_end"]
+    assert observers["summary.writer"] == ["snn-harness 0.1.0", "on_cell_end, on_epoch_end, on_matrix_end, on_matrix_start"]
+    assert "recorded_code" in observers["mlflow_tracking.tracker"][1] and set(observers) == {
+        "mine.watcher", "summary.writer", "mlflow_tracking.tracker", "progress.display"}
+    assert main(["list", "--kind", "normalizer"]) == ExitCode.OK
+    assert "hooks they implement" not in capsys.readouterr().out  # one kind: only its table
+    builtins = plugin_hooks(real())  # before a run: the component plugins only, each with its hooks
+    assert {name for name, _, _ in builtins} == set(plugins) - {"mine"} and all(hooks for _, _, hooks in builtins)
+
+
 def _with_test_plugin(monkeypatch, **hooks):
     """Make the CLI's plugin manager include an extra in-process plugin."""
     import types

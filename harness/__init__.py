@@ -12,8 +12,16 @@ from harness.registry import Registry, get_plugin_manager, get_registry
 from harness.validate import Constraint, Length, Range
 
 __version__ = "0.1.0"
+API_VERSION = "1.0"
+"""The plugin API's version, ``MAJOR.MINOR`` (docs/plugins.md, "Versions"): the hooks of
+``harness.hookspecs``, the step protocol, and the values plugins receive and return. A minor
+release only adds (a hook, an optional argument, a field with a default); a major one may remove
+or change, after a deprecation of at least one minor release. A plugin declares the API it was
+written for with ``SNN_HARNESS_API = "1.0"`` on its plugin object (module or class); it loads
+when the major versions agree and its minor is not newer than this one's."""
 
 __all__ = [
+    "API_VERSION",
     "ConfigError",
     "Constraint",
     "HarnessError",

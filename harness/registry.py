@@ -288,6 +288,7 @@ def get_plugin_manager(
     pm.settings = PluginSettings(autoload=autoload, blocked=tuple(names), extra_plugins=extra_plugins)
     _load_entry_points(pm, autoload, keep_going)
     for plugin, name in extra_plugins:
+        check_api(plugin, name)
         _register(pm, plugin, name)
     _check_pending(pm)  # a misspelled hook fails at start-up, naming the plugin
     if os.environ.get(ENV_TRACE):
@@ -332,8 +333,41 @@ def _load_entry_points(pm: HarnessPluginManager, third_party: bool, keep_going: 
                     f"Block it with {ENV_BLOCK}={ep.name} (e.g. `{ENV_BLOCK}={ep.name} harness run ...`), or uninstall it "
                     f"(pip uninstall {dist_name}); `harness list` shows every plugin that loads"
                 ) from exc
+            try:
+                check_api(plugin, ep.name, f" from {dist_name} {dist.version}")
+            except PluginError as exc:
+                if keep_going:
+                    pm.broken[ep.name] = f"{dist_name} {dist.version} ({ep.value}): {exc}"
+                    continue
+                raise
             _register(pm, plugin, ep.name, f" from {dist_name} {dist.version}")
             pm.packages[ep.name] = f"{dist_name} {dist.version}"
+
+
+def check_api(plugin: object, name: str, origin: str = "") -> None:
+    """Refuse a plugin that declares (``SNN_HARNESS_API = "MAJOR.MINOR"``) a plugin API this
+    harness does not provide: another major version, or a newer minor one.
+
+    :raises PluginError: what the plugin needs, what this harness has, and what to do.
+    """
+    from harness import API_VERSION, __version__
+
+    wanted = getattr(plugin, "SNN_HARNESS_API", None)
+    if wanted is None:
+        return
+    have = tuple(int(p) for p in API_VERSION.split("."))
+    try:
+        need = tuple(int(p) for p in str(wanted).split("."))
+        if len(need) != 2:
+            raise ValueError
+    except ValueError:
+        raise PluginError(f"plugin {name!r}{origin}: SNN_HARNESS_API = {wanted!r} is not a version \"MAJOR.MINOR\" "
+                          f"(this harness's plugin API is {API_VERSION})") from None
+    if need[0] != have[0] or need[1] > have[1]:
+        advice = ("a newer snn-harness" if need > have else "an older snn-harness, or a version of the plugin for API "
+                  f"{have[0]}.x")
+        raise PluginError(f"plugin {name!r}{origin} is written for plugin API {wanted}; snn-harness {__version__} has "
+                          f"API {API_VERSION}: install {advice} (docs/plugins.md, \"Versions\")")
 
 
 def _register(pm: pluggy.PluginManager, plugin: object, name: str, origin: str = "") -> None:

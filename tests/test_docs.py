@@ -448,3 +448,12 @@ def test_method_citations_point_to_sections_of_the_projects_own_notes() -> None:
     assert cited, "no citation of docs/method.md found"
     missing = {p: n - sections for p, n in cited.items() if n - sections}
     assert not missing, f"citations of sections docs/method.md does not have: {missing}"
+
+
+def test_the_changelog_names_the_plugin_api_version_and_every_hook() -> None:
+    import harness
+
+    changelog = (Path(__file__).resolve().parents[1] / "CHANGELOG.md").read_text()
+    assert f"plugin API {harness.API_VERSION}" in changelog and f'SNN_HARNESS_API = "{harness.API_VERSION}"' in changelog
+    missing = [name for name in hookspec_functions() if f"`{name}`" not in changelog]
+    assert not missing, f"CHANGELOG.md does not list the hooks {missing}"

@@ -207,3 +207,59 @@ def test_normalizers_that_take_time_steps_receive_the_cells_T(registry):
                      epochs=1, batch_size=4, time_steps=6)
     build_model(cfg, reg, digits())
     assert built == [6, 6]
+
+
+def _declaring(api):
+    import types
+
+    from harness import hookimpl
+
+    plugin = types.ModuleType("versioned_plugin")
+    plugin.SNN_HARNESS_API = api
+
+    @hookimpl
+    def register_normalizers(registry):
+        pass
+
+    plugin.register_normalizers = register_normalizers
+    return plugin
+
+
+def test_a_plugin_declaring_the_plugin_api_loads_when_the_major_agrees_and_its_minor_is_not_newer():
+    import harness
+    from harness import PluginError, get_plugin_manager
+
+    major, minor = (int(p) for p in harness.API_VERSION.split("."))
+    for ok in (f"{major}.0", harness.API_VERSION):
+        pm = get_plugin_manager(extra_plugins=[(_declaring(ok), "versioned")])
+        assert pm.get_plugin("versioned") is not None
+    with pytest.raises(PluginError, match=rf"plugin 'versioned' is written for plugin API {major + 1}\.0; snn-harness "
+                                          rf"{harness.__version__} has API {harness.API_VERSION}: install a newer snn-harness"):
+        get_plugin_manager(extra_plugins=[(_declaring(f"{major + 1}.0"), "versioned")])
+    with pytest.raises(PluginError, match=rf"written for plugin API {major}\.{minor + 1};.*install a newer snn-harness"):
+        get_plugin_manager(extra_plugins=[(_declaring(f"{major}.{minor + 1}"), "versioned")])
+    if major > 0:
+        with pytest.raises(PluginError, match=rf"install an older snn-harness, or a version of the plugin for API {major}\.x"):
+            get_plugin_manager(extra_plugins=[(_declaring(f"{major - 1}.9"), "versioned")])
+    with pytest.raises(PluginError, match=r"SNN_HARNESS_API = 'one' is not a version \"MAJOR.MINOR\""):
+        get_plugin_manager(extra_plugins=[(_declaring("one"), "versioned")])
+
+
+def test_an_installed_plugin_for_another_api_is_listed_as_broken_with_the_reason(tmp_path, monkeypatch):
+    import harness
+    from harness import get_plugin_manager
+
+    site = tmp_path / "site"
+    info = site / "future_plugin-3.0.dist-info"
+    info.mkdir(parents=True)
+    info.joinpath("METADATA").write_text("Metadata-Version: 2.1\nName: future-plugin\nVersion: 3.0\n")
+    info.joinpath("entry_points.txt").write_text("[snn_harness]\nfuture = future_module\n")
+    major = int(harness.API_VERSION.split(".")[0])
+    site.joinpath("future_module.py").write_text(f'SNN_HARNESS_API = "{major + 1}.0"\n')
+    monkeypatch.syspath_prepend(str(site))
+    pm = get_plugin_manager(autoload=True, keep_going=True)
+    assert pm.get_plugin("future") is None
+    assert pm.broken["future"].startswith("future-plugin 3.0 (future_module): plugin 'future' from future-plugin 3.0 "
+                                          f"is written for plugin API {major + 1}.0")
+    with pytest.raises(harness.PluginError, match="is written for plugin API"):
+        get_plugin_manager(autoload=True)

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from harness import hookimpl
 from harness.snn import SequenceModule
 
+SNN_HARNESS_API = "1.0"  # the plugin API this plugin is written for (docs/plugins.md, "Versions")
+
 
 class RMSNorm(SequenceModule):
     """Per-sample RMS normalization over channels and space, with a learnable per-channel gain.

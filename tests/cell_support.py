@@ -6,16 +6,12 @@ from typing import Any
 
 from harness.config import CellConfig, Component, OptimizerConfig
 from harness.matrix import Cell
+from harness.testing import RecordingHook
 
 
-class Recorder:
-    """Stands in for the plugin manager's hook relay: records every call."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, dict]] = []
-
-    def __getattr__(self, name: str):
-        return lambda **kw: self.calls.append((name, kw))
+class Recorder(RecordingHook):
+    """Stands in for the plugin manager's hook relay: records every call, and refuses a hook or
+    an argument the plugin API does not have (the kit's :class:`harness.testing.RecordingHook`)."""
 
 
 def tiny_cell(seed: int = 0, *, epochs: int = 1, batch_size: int = 32, **kw: Any) -> Cell:

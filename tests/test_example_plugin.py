@@ -187,3 +187,9 @@ def test_two_plugins_registering_the_same_name_is_an_error_naming_both(tmp_path:
     assert "normalizer 'rms_norm' is registered twice" in message
     assert f"plugin '{EXAMPLE_PLUGIN}' ({EXAMPLE_DIST} 0.1.0)" in message
     assert "plugin 'dup_norm' (snn-harness-dup-plugin 0.2.0)" in message
+
+
+def test_the_examples_own_tests_pass_with_the_harness_test_kit(site: Path, tmp_path: Path) -> None:
+    tests = _copy_project(EXAMPLE / "tests", tmp_path / "tests")
+    proc = _python(site, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests), cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0 and "3 passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]

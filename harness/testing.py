@@ -93,6 +93,7 @@ class MatrixOutcome:
     rc: int
     stdout: str
     stderr: str
+    matrix: Path  # the matrix file written
     results: Path
     name: str
     summary: list[dict[str, str]] = field(default_factory=list)
@@ -132,7 +133,7 @@ def run_matrix(tmp_path: Path, toml_text: str, *args: str, plugins: tuple[tuple[
             rc = int(cli.main(["run", "--matrix", str(matrix), "--results", str(results), *args]))
     summary_csv = results / name / "summary.csv"
     rows = list(csv.DictReader(summary_csv.open())) if summary_csv.exists() else []
-    return MatrixOutcome(rc, out.getvalue(), err.getvalue(), results, name, rows)
+    return MatrixOutcome(rc, out.getvalue(), err.getvalue(), matrix, results, name, rows)
 
 
 @pytest.fixture

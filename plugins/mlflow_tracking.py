@@ -95,26 +95,25 @@ class MlflowTracker:
 
     @hookimpl
     def on_cell_start(self, cell: Any, info: dict[str, Any]) -> None:
-        from mlflow.entities import Param
+        from mlflow.entities import Param, RunTag
 
         if cell.id in self.runs:  # the cell runs again in this matrix (its worker died): the same run goes on
             run_id = self.runs[cell.id]
             self.client.update_run(run_id, status="RUNNING")
-            self.client.set_tag(run_id, tracking.TAG_STATUS, "running")
-            for key, value in {**_worker_tags(info), **_warning_tags(info), **_provenance_tags(info)}.items():
-                self.client.set_tag(run_id, key, value)
+            tags = {tracking.TAG_STATUS: "running", **_worker_tags(info), **_warning_tags(info), **_provenance_tags(info)}
             if info.get("resumed_from_epoch"):
-                self.client.set_tag(run_id, "harness.resumed_from_epoch", str(info["resumed_from_epoch"]))
+                tags["harness.resumed_from_epoch"] = str(info["resumed_from_epoch"])
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])  # one write, not one per tag
             return
         if info.get("resumed_from_epoch"):
             previous = tracking.resumable_run(self.client, self.experiment_id, self.run.matrix.name, cell.id)
             if previous is not None:  # continue the killed run: one MLflow run per cell
                 run_id = previous.info.run_id
                 self.client.update_run(run_id, status="RUNNING")
-                for key, value in {**_process_tags(), tracking.TAG_STATUS: "running", "mlflow.parentRunId": self.parent_id,
-                                   "harness.resumed_from_epoch": str(info["resumed_from_epoch"]), **_warning_tags(info),
-                                   **_worker_tags(info), **_provenance_tags(info)}.items():
-                    self.client.set_tag(run_id, key, value)
+                tags = {**_process_tags(), tracking.TAG_STATUS: "running", "mlflow.parentRunId": self.parent_id,
+                        "harness.resumed_from_epoch": str(info["resumed_from_epoch"]), **_warning_tags(info),
+                        **_worker_tags(info), **_provenance_tags(info)}
+                self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
                 self.runs[cell.id] = run_id
                 return
         m = self.run.matrix
@@ -202,7 +201,6 @@ class MlflowTracker:
             status = "FINISHED"
         self.client.set_tag(self.parent_id, tracking.TAG_STATUS, status.lower())
         self.client.set_terminated(self.parent_id, status=status)
-
 
     @hookimpl
     def recorded_code(self, matrix: Any, tracking_uri: str, experiment: str) -> dict[str, dict[str, str]]:

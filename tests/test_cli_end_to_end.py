@@ -3,15 +3,14 @@ summary files, failure isolation, exit codes, ``report``, ``list`` and ``--dry-r
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import textwrap
 from pathlib import Path
 
 import pytest
 
 from harness.cli import ExitCode, main
+from harness.testing import run_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,14 +46,9 @@ seed = 1
 @pytest.fixture(scope="module")
 def finished_matrix(tmp_path_factory):
     """Run a 3-cell matrix once: two cells finish, the one with a huge learning rate diverges."""
-    tmp = tmp_path_factory.mktemp("e2e")
-    path = tmp / "e2e.toml"
-    path.write_text(textwrap.dedent(MATRIX))
-    results = tmp / "results"
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):  # the console, as a user reads it (the display writes to stderr)
-        code = main(["run", "--matrix", str(path), "--results", str(results)])
-    return {"code": code, "path": path, "results": results, "uri": f"sqlite:///{results / 'mlflow.db'}", "err": err.getvalue()}
+    ran = run_matrix(tmp_path_factory.mktemp("e2e"), textwrap.dedent(MATRIX))  # stderr: the console, as a user reads it
+    return {"code": ran.rc, "path": ran.matrix, "results": ran.results, "uri": f"sqlite:///{ran.results / 'mlflow.db'}",
+            "err": ran.stderr}
 
 
 def _client(uri):

@@ -19,7 +19,7 @@ import pytest
 
 from conftest import TINY_DEFAULTS, free_port
 
-from harness.cli import ExitCode, main
+from harness.testing import run_matrix
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "results" / "test-artifacts"
@@ -43,11 +43,9 @@ def _chromium(url: str, *extra: str) -> str:
 
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ui")
-    matrix = tmp / "ui.toml"
-    matrix.write_text(textwrap.dedent(MATRIX))
-    results = tmp / "results"
-    assert main(["run", "--matrix", str(matrix), "--results", str(results)]) == ExitCode.OK
+    ran = run_matrix(tmp_path_factory.mktemp("ui"), textwrap.dedent(MATRIX))
+    ran.assert_success()
+    matrix, results = ran.matrix, ran.results
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "harness", "ui", "--matrix", str(matrix), "--results", str(results),
                              "--port", str(port), "--no-browser"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

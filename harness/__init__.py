@@ -6,7 +6,7 @@ Public API::
     bn = get_registry().normalizers["vanilla_bn"](num_features=64)
 """
 
-from harness.errors import ConfigError, HarnessError, IncompatibleCellError, PluginError, UnknownNameError
+from harness.errors import ConfigError, DatasetNotFoundError, HarnessError, IncompatibleCellError, PluginError, UnknownNameError
 from harness.hookspecs import hookimpl, hookspec
 from harness.registry import Registry, get_plugin_manager, get_registry
 from harness.validate import Constraint, Length, Range
@@ -23,6 +23,7 @@ when the major versions agree and its minor is not newer than this one's."""
 __all__ = [
     "API_VERSION",
     "ConfigError",
+    "DatasetNotFoundError",
     "Constraint",
     "HarnessError",
     "IncompatibleCellError",

@@ -33,6 +33,12 @@ class UnknownNameError(HarnessError, KeyError):
         return self.args[0]
 
 
+class DatasetNotFoundError(HarnessError):
+    """The files of a data set are not where the loader looked. The message names the expected
+    files or layout, where the loader looked, and how to get them (a data set's factory raises
+    it instead of ``FileNotFoundError`` or a download attempt; the dataset contract checks it)."""
+
+
 class IncompatibleCellError(HarnessError):
     """Every requested cell of a matrix is impossible (e.g. a whole-sequence normalizer online)."""
 

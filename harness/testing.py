@@ -1,6 +1,11 @@
 """The plugin author's test kit (an opt-in pytest plugin): ``pytest_plugins = ["harness.testing"]``.
 
-Never loaded through ``pytest11``: a project's tests enable it themselves. What it holds so far:
+Never loaded through ``pytest11``: a project's tests enable it themselves. What it holds:
+
+* Contract suites (:mod:`harness.contracts`), one class per kind of component, to subclass with
+  one line: ``class TestMyNorm(NormalizerContract): name = "my_norm"``. Every clause is a test;
+  a failure says which promise is broken and by how much. :func:`contract_suites` makes the
+  suites of every registered name of a registry (the harness runs its built-ins that way).
 
 * :class:`RecordingHook` -- stands in for the plugin manager's hook relay (``pm.hook``) where a
   test calls the runner or a trainer directly. It records every call, and refuses what the real
@@ -12,8 +17,9 @@ Never loaded through ``pytest11``: a project's tests enable it themselves. What 
   process; :class:`MatrixOutcome` has the exit code, the output, the summary rows and
   :meth:`MatrixOutcome.assert_success`, whose failure message shows the output and the summary.
 
-Fixtures: ``harness_hook`` (a fresh :class:`RecordingHook`) and ``harness_run_matrix``
-(:func:`run_matrix` in the test's ``tmp_path``).
+Fixtures: ``harness_hook`` (a fresh :class:`RecordingHook`), ``harness_run_matrix``
+(:func:`run_matrix` in the test's ``tmp_path``) and ``harness_gloo`` (two CPU processes in a gloo
+group, for the clause of synchronized statistics; started once per session, when first needed).
 """
 
 from __future__ import annotations
@@ -29,8 +35,19 @@ from typing import Any
 import pytest
 
 from harness import hookspecs
+from harness.contracts import (
+    CONTRACTS,
+    DatasetContract,
+    ModelContract,
+    NormalizerContract,
+    ThresholdContract,
+    TrainerContract,
+)
 
-__all__ = ["MatrixOutcome", "RecordingHook", "hook_specifications", "plugin_manager", "run_matrix"]
+__all__ = [
+    "CONTRACTS", "DatasetContract", "MatrixOutcome", "ModelContract", "NormalizerContract", "RecordingHook",
+    "ThresholdContract", "TrainerContract", "contract_suites", "hook_specifications", "plugin_manager", "run_matrix",
+]
 
 
 def hook_specifications() -> dict[str, inspect.Signature]:
@@ -76,6 +93,25 @@ class RecordingHook:
     def names(self) -> list[str]:
         """The hooks called, in order."""
         return [name for name, _ in self.calls]
+
+
+def contract_suites(kind: str, names: list[str], *, plugins: tuple[tuple[object, str], ...] = (),
+                    autoload: bool | None = None, settings: dict[str, dict[str, Any]] | None = None,
+                    prefix: str = "Test") -> dict[str, type]:
+    """One contract suite per name: ``{"TestNormalizer_my_norm": <class>}``, to put in a test
+    module's globals so that pytest collects them. ``settings[name]`` sets further class
+    attributes of one suite (``options``, sizes, or methods such as a data set's ``present``)."""
+    import sys
+
+    base = CONTRACTS[kind]
+    module = sys._getframe(1).f_globals.get("__name__", __name__)  # the test module the suites are made for
+    suites = {}
+    for name in names:
+        cls_name = f"{prefix}{kind.capitalize()}_{name}"
+        attrs = {"__module__": module, "name": name, "plugins": tuple(plugins), "autoload": autoload,
+                 **(settings or {}).get(name, {})}
+        suites[cls_name] = type(cls_name, (base,), attrs)
+    return suites
 
 
 def plugin_manager(*plugins: tuple[object, str]) -> Any:
@@ -150,3 +186,14 @@ def harness_run_matrix(tmp_path: Path) -> Any:
         return run_matrix(tmp_path, toml_text, *args, plugins=plugins)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def harness_gloo() -> Any:
+    """Two CPU processes in one gloo process group, started at the first use and kept for the
+    session (:class:`harness.contracts.gloo.GlooPair`): the contract of synchronized statistics."""
+    from harness.contracts.gloo import GlooPair
+
+    pair = GlooPair()
+    yield pair
+    pair.close()

@@ -13,7 +13,7 @@ from torch.utils.data import TensorDataset
 
 from harness import hookimpl
 from harness.data import DatasetBundle
-from harness.errors import HarnessError
+from harness.errors import DatasetNotFoundError
 
 FASHION_MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -23,10 +23,6 @@ FASHION_MNIST_FILES = (
 )
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-
-
-class DatasetNotFoundError(HarnessError):
-    """The files of a data set are not where the loader looked."""
 
 
 def digits(test_fraction: float = 0.2, split_seed: int = 0) -> DatasetBundle:

@@ -49,6 +49,8 @@ class _StepStatisticsNorm(SequenceModule):
     variance; OSR: ``var + mean^2``, Eq. 15) and how the sequence variance follows from the sums
     (``_sequence_var``)."""
 
+    synchronized_statistics = True  # statistics of the union batch under torch.distributed (harness.snn.distributed)
+
     def __init__(self, num_features: int, eps: float, momentum: float, affine: bool) -> None:
         super().__init__()
         if not 0.0 < momentum <= 1.0:
@@ -255,6 +257,8 @@ class BatchNormThroughTime(SequenceModule):
     SpikingJelly: ``layer.BatchNormThroughTime2d(T, num_features)``.
     """
 
+    synchronized_statistics = True  # statistics of the union batch under torch.distributed (harness.snn.distributed)
+
     def __init__(self, num_features: int, time_steps: int, eps: Eps = 1e-5, momentum: Momentum = 0.1) -> None:
         super().__init__()
         self.num_features, self.steps, self.eps, self.momentum = num_features, time_steps, eps, momentum
@@ -285,6 +289,8 @@ class _WholeSequenceBatchNorm(SequenceModule):
     """Batch normalization with statistics over (T, B, space) at once: the sequence is folded into
     the batch (PyTorch BN semantics: running statistics updated once per sequence, EMA with
     ``momentum``, unbiased running variance). Needs the whole sequence."""
+
+    synchronized_statistics = True  # statistics of the union batch under torch.distributed (harness.snn.distributed)
 
     step_modes = frozenset({"sequence"})
 

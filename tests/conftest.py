@@ -13,6 +13,8 @@ from typing import Any, NamedTuple
 
 import pytest
 
+pytest_plugins = ["harness.testing"]  # the plugin author's kit: its fixtures, and the contract suites' fixtures
+
 # Our own tests see only the built-in plugins, whatever else is installed.
 os.environ["SNN_HARNESS_DISABLE_PLUGIN_AUTOLOAD"] = "1"
 os.environ.pop("MLFLOW_TRACKING_URI", None)

@@ -50,6 +50,8 @@ def test_the_wheel_and_sdist_hold_the_code_the_plugins_and_the_license(built):
     names = zipfile.ZipFile(wheel).namelist()
     assert "harness/cli.py" in names and "snn_harness_plugins/normalizers.py" in names and "harness/snn/fused.py" in names
     assert not any(n.startswith(("tests/", "plugins/")) for n in names)  # the plugins install under their own name
+    for module in (REPO / "harness").rglob("*.py"):  # every subpackage is listed in pyproject.toml's packages
+        assert module.relative_to(REPO).as_posix() in names, f"{module.relative_to(REPO)} is not in the wheel"
     meta = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "normalizers = snn_harness_plugins.normalizers" in zipfile.ZipFile(wheel).read(meta).decode()
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)

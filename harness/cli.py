@@ -113,9 +113,22 @@ def _parser() -> argparse.ArgumentParser:
     common(ui, matrix_required=False)
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--workers", type=_positive_int, default=1,
+                    help="MLflow UI worker processes (default: %(default)s; one answers a researcher's browser and starts "
+                         "in about half the time of MLflow's default four)")
     ui.add_argument("--compare", action="store_true", help="open MLflow's compare-runs view of the matrix's cells (needs --matrix)")
     ui.add_argument("--no-browser", action="store_true", help="print the links, open no browser")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -508,7 +521,7 @@ def cmd_ui(args: argparse.Namespace, argv: list[str]) -> int:
               "store with --results / --tracking-uri)", file=sys.stderr)
         return ExitCode.NO_CELLS
     base = f"http://{args.host}:{args.port}"
-    proc = tracking.launch_ui(uri, args.host, args.port)
+    proc = tracking.launch_ui(uri, args.host, args.port, workers=args.workers)
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         deadline = time.monotonic() + 60

@@ -250,10 +250,11 @@ def _param_for_axis(axis: str) -> str:
     return axis
 
 
-def launch_ui(uri: str, host: str, port: int) -> subprocess.Popen:
-    """Start ``mlflow ui`` on the store at ``uri`` in its own process group (it starts workers of
-    its own); returns the process. Stop it with :func:`stop_process_group`."""
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+def launch_ui(uri: str, host: str, port: int, workers: int = 1) -> subprocess.Popen:
+    """Start ``mlflow ui`` on the store at ``uri`` with ``workers`` worker processes, in its own
+    process group; returns the process. Stop it with :func:`stop_process_group`."""
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port),
+           "--workers", str(workers)]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=sys.stderr)  # the harness's stdout carries the links
     time.sleep(0.5)
     if proc.poll() is not None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from conftest import free_port
@@ -126,6 +127,8 @@ def test_ui_command_serves_the_store(tmp_path):
         _wait_http(f"http://127.0.0.1:{port}/health", proc)
         ui_pid = _child_pids(proc.pid)
         assert ui_pid, "harness ui started no mlflow process"
+        cmdline = Path(f"/proc/{ui_pid[0]}/cmdline").read_text().split("\0")
+        assert cmdline[cmdline.index("--workers") + 1] == "1"  # one worker by default: half MLflow's start-up
     finally:
         proc.terminate()  # SIGTERM to `harness ui`: it must take the MLflow UI and its workers down
         proc.wait(30)
@@ -141,6 +144,8 @@ def test_ui_where_nothing_was_recorded_creates_no_store(tmp_path, capsys):
     assert not (tmp_path / "nothing").exists()
     assert main(["ui", "--compare"]) == ExitCode.USAGE_ERROR
     assert "--compare needs --matrix" in capsys.readouterr().err
+    assert main(["ui", "--workers", "0"]) == ExitCode.USAGE_ERROR
+    assert "--workers: expected a whole number of at least 1, got '0'" in capsys.readouterr().err
 
 
 def _child_pids(pid: int) -> list[int]:

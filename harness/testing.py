@@ -101,15 +101,11 @@ def contract_suites(kind: str, names: list[str], *, plugins: tuple[tuple[object,
     """One contract suite per name: ``{"TestNormalizer_my_norm": <class>}``, to put in a test
     module's globals so that pytest collects them. ``settings[name]`` sets further class
     attributes of one suite (``options``, sizes, or methods such as a data set's ``present``)."""
-    import sys
-
     base = CONTRACTS[kind]
-    module = sys._getframe(1).f_globals.get("__name__", __name__)  # the test module the suites are made for
     suites = {}
     for name in names:
         cls_name = f"{prefix}{kind.capitalize()}_{name}"
-        attrs = {"__module__": module, "name": name, "plugins": tuple(plugins), "autoload": autoload,
-                 **(settings or {}).get(name, {})}
+        attrs = {"name": name, "plugins": tuple(plugins), "autoload": autoload, **(settings or {}).get(name, {})}
         suites[cls_name] = type(cls_name, (base,), attrs)
     return suites
 

@@ -426,31 +426,19 @@ SETTINGS = {
 }
 
 
-def _register(registry, kind: str) -> None:
-    for name, (factory, _) in BREAKERS[kind].items():
-        registry.add(name, factory, step_modes=STEP_MODES.get(name))
+def _registers(kind: str):
+    """The ``register_*`` hook of one kind: every breaker of the kind, with its step modes."""
+
+    @hookimpl
+    def register(registry) -> None:
+        for name, (factory, _) in BREAKERS[kind].items():
+            registry.add(name, factory, step_modes=STEP_MODES.get(name))
+
+    return register
 
 
-@hookimpl
-def register_normalizers(registry) -> None:
-    _register(registry, "normalizer")
-
-
-@hookimpl
-def register_thresholds(registry) -> None:
-    _register(registry, "threshold")
-
-
-@hookimpl
-def register_trainers(registry) -> None:
-    _register(registry, "trainer")
-
-
-@hookimpl
-def register_models(registry) -> None:
-    _register(registry, "model")
-
-
-@hookimpl
-def register_datasets(registry) -> None:
-    _register(registry, "dataset")
+register_normalizers = _registers("normalizer")
+register_thresholds = _registers("threshold")
+register_trainers = _registers("trainer")
+register_models = _registers("model")
+register_datasets = _registers("dataset")

@@ -10,8 +10,11 @@ if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt
   (export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }) \
     || echo "test.sh: could not install chromium: the UI test will be skipped" >&2
 fi
+# The test files run in parallel, one pytest-xdist worker per core, a file's tests together in one
+# worker (its module fixtures run once; the Ray tests share one cluster). Arguments given here
+# come after and win: `-n 0` runs everything in this process.
 set +e
-"$VENV/bin/python" -m pytest "$@"
+"$VENV/bin/python" -m pytest -n "${SNN_HARNESS_TEST_WORKERS:-auto}" --dist loadfile "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

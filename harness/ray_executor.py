@@ -51,6 +51,7 @@ class WorkerSpec:
     checkpoint_dir: str | None
     threads: int  # torch threads of the cell: its cpus_per_cell
     batch_interval: float = 0.25  # seconds between two batch progress events of a cell
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)  # node id -> ObjectRef of its probe's NodeData
 
 
 @dataclass(frozen=True)
@@ -104,20 +105,80 @@ def _work(cell: Any, spec: WorkerSpec, send: Any, facts: dict[str, Any], done: _
             sender.on_cell_end(cell=cell, result=_failed_result(cell, exc, traceback.format_exc()))
             return
         ckpt = Path(spec.checkpoint_dir) if spec.checkpoint_dir else None
-        run_cell(cell, registry, sender, checkpoint_dir=ckpt, remove_checkpoint=False)
+        preloaded = _node_data(spec.data.get(facts["worker_node"]), cell)
+        run_cell(cell, registry, sender, checkpoint_dir=ckpt, remove_checkpoint=False, preloaded=preloaded)
     except BaseException as exc:  # noqa: BLE001 - whatever happens, the driver hears of it
         sender.on_cell_end(cell=cell, result=_failed_result(cell, exc, traceback.format_exc()))
     finally:
         send(done)
 
 
-def node_probe(cells: list[Any], plugins: Any, probe: str, token: str) -> tuple[str, list[str]]:
-    """Run on one node before the first cell: ``(host, problems)``. Loads the node's plugins and
-    each data set the cells need, and reads the driver's probe file in the checkpoint directory."""
+@dataclass(frozen=True)
+class NodeData:
+    """The data sets a node's probe loaded, pickled (``PreloadedData.key`` -> bytes), for the
+    cells that run on that node: each cell unpickles its own copy instead of loading the data set
+    again. ``left_out`` says why a data set is not here (its cells load it themselves)."""
+
+    bundles: dict[str, bytes]
+    left_out: dict[str, str]
+
+
+MAX_SHARED_BUNDLE_BYTES = 2 << 30
+"""A data set whose pickle is larger stays out of the object store: its cells load it themselves."""
+
+
+def pack_data(preloaded: Any, limit: int = MAX_SHARED_BUNDLE_BYTES) -> NodeData:
+    """Pickle each bundle of ``preloaded`` (:class:`harness.session.PreloadedData`) with Ray's
+    cloudpickle; one that cannot be pickled, or is larger than ``limit``, is left out with why."""
+    from ray import cloudpickle
+
+    bundles, left_out = {}, {}
+    for key, bundle in preloaded.items():
+        try:
+            data = cloudpickle.dumps(bundle)
+        except Exception as exc:  # noqa: BLE001 - e.g. an open file handle: the cells load it
+            left_out[key] = f"it cannot be pickled ({type(exc).__name__}: {exc})"
+            continue
+        if len(data) > limit:
+            left_out[key] = f"its pickle ({len(data) / 2**20:.0f} MiB) is larger than {limit / 2**20:.0f} MiB"
+            continue
+        bundles[key] = data
+    return NodeData(bundles, left_out)
+
+
+def _node_data(ref: Any, cell: Any) -> Any:
+    """A :class:`harness.session.PreloadedData` holding ``cell``'s data set as the probe of this
+    node loaded it (``ref``: the probe's :class:`NodeData`), or None where there is none: the cell
+    then loads the data set itself, as it would without the probe."""
+    if ref is None:
+        return None
+    import ray
+    from ray import cloudpickle
+
+    from harness.session import PreloadedData
+
+    try:
+        node = ray.get(ref, timeout=60)
+        data = node.bundles.get(PreloadedData.key(cell.config))
+        if data is None:
+            return None
+        preloaded = PreloadedData()
+        preloaded.put(cell.config, cloudpickle.loads(data))
+        return preloaded
+    except Exception:  # noqa: BLE001 - the object was lost (its node restarted) or will not load: load it afresh
+        return None
+
+
+def node_probe(cells: list[Any], plugins: Any, probe: str, token: str) -> tuple[tuple[str, list[str], dict[str, str]], NodeData]:
+    """Run on one node before the first cell: ``((host, problems, left_out), data)``. Loads the
+    node's plugins and each data set the cells need (``data``: the loaded data sets, for the cells
+    that run on this node; ``left_out``: those that are not in it, and why), and reads the
+    driver's probe file in the checkpoint directory."""
     from harness.registry import build_registry
-    from harness.session import check_data, check_devices
+    from harness.session import PreloadedData, check_data, check_devices
 
     host, problems = socket.gethostname(), []
+    loaded = PreloadedData()
     _warm_imports()  # this worker runs a cell next
     try:
         text = Path(probe).read_text()
@@ -130,10 +191,11 @@ def node_probe(cells: list[Any], plugins: Any, probe: str, token: str) -> tuple[
         for cell in cells:
             missing_plugins(cell, registry)
         check_devices(_Cells(cells), cuda=False)  # this worker holds no GPU: the driver checks CUDA devices
-        check_data(_Cells(cells), registry)
+        check_data(_Cells(cells), registry, loaded)
     except Exception as exc:
         problems.append(str(exc))
-    return host, problems
+    data = pack_data(loaded) if not problems else NodeData({}, {})
+    return (host, problems, data.left_out), data
 
 
 def warm_worker(plugins: Any) -> None:
@@ -202,6 +264,7 @@ class RayExecutor:
         self.owns_ray = False
         self.reports: dict[str, WorkerReport] = {}  # cell id -> where its last attempt ran
         self.attempts: dict[str, int] = {}  # cell id -> attempts made
+        self.node_data: dict[str, Any] = {}  # node id -> ObjectRef of the NodeData its probe loaded
         if config.address is None:  # before any method imports Ray: its address is read at import
             os.environ.setdefault(LOOPBACK_ENV, "0")
 
@@ -246,6 +309,7 @@ class RayExecutor:
         """Stop the local instance this executor started (a joined cluster stays up)."""
         import ray
 
+        self.node_data = {}  # the data sets leave the object store of a cluster that stays up
         if self.owns_ray and ray.is_initialized():
             ray.shutdown()
         self.owns_ray = False
@@ -295,8 +359,9 @@ class RayExecutor:
     # -- before the first cell ----------------------------------------------------------------
     def preflight(self, matrix: Any, registry: Any, checkpoint_dir: Path) -> None:
         """Check on every node that can run a cell what the cells will need there: the plugins,
-        every data set (loaded once, as the serial preflight does), and that the checkpoint
-        directory the driver writes is the one the node reads (shared storage).
+        every data set (loaded once per node, and kept in the node's object store: the cells that
+        run there unpickle it instead of loading it again, see :class:`NodeData`), and that the
+        checkpoint directory the driver writes is the one the node reads (shared storage).
 
         :raises HarnessError: what failed, on which node, and what to do.
         """
@@ -320,14 +385,18 @@ class RayExecutor:
         token = uuid.uuid4().hex
         probe = checkpoint_dir / f".probe-{token}"
         probe.write_text(token)
-        probe_task, warm_task = ray.remote(node_probe), ray.remote(warm_worker)
+        # the probe's data sets stay in the node's object store for its cells (no retries: a probe
+        # re-run to rebuild a lost copy could wait on a node that is gone; a cell loads its own then)
+        probe_task, warm_task = ray.remote(num_returns=2, max_retries=0)(node_probe), ray.remote(warm_worker)
         cpus = min(needs)[0]
         futures, warming = [], []
         try:
             for n in nodes:  # the probe, and meanwhile one worker per further cell slot of the node starts up
                 on_node = NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-                futures.append(probe_task.options(num_cpus=cpus, scheduling_strategy=on_node)
-                               .remote(list(matrix.cells), registry.plugins, str(probe), token))
+                answer, data = (probe_task.options(num_cpus=cpus, scheduling_strategy=on_node)
+                                .remote(list(matrix.cells), registry.plugins, str(probe), token))
+                futures.append(answer)
+                self.node_data[n["NodeID"]] = data
                 slots = min(int(n["Resources"].get("CPU", 0) // cpus), self.config.max_concurrent or len(matrix.cells),
                             len(matrix.cells))
                 warming += [warm_task.options(num_cpus=cpus, scheduling_strategy=on_node).remote(registry.plugins)
@@ -336,13 +405,17 @@ class RayExecutor:
             ray.get(warming)
         finally:
             probe.unlink(missing_ok=True)
-        hosts = [host for host, _ in answers]
+        hosts = [host for host, _, _ in answers]
         names = [host if hosts.count(host) == 1 else f"{host} ({n['NodeID'][:8]})" for host, n in zip(hosts, nodes)]
-        problems = [f"  - node {name}: {problem}" for name, (_, found) in zip(names, answers) for problem in found]
+        problems = [f"  - node {name}: {problem}" for name, (_, found, _) in zip(names, answers) for problem in found]
+        if self.verbose:
+            for key, why in {key: why for _, _, left_out in answers for key, why in left_out.items()}.items():
+                print(f"harness: ray: data set {key.split()[0]!r} is loaded by each of its cells: {why}", file=self.stream)
         if problems:
+            self.node_data = {}
             several = len(nodes) > 1
             raise HarnessError(
-                f"the preflight failed on {sum(1 for _, found in answers if found)} of {len(nodes)} node(s):\n" + "\n".join(problems)
+                f"the preflight failed on {sum(1 for _, found, _ in answers if found)} of {len(nodes)} node(s):\n" + "\n".join(problems)
                 + ("\nEvery node must read the checkpoints the others write: put the results directory on shared storage, "
                    "or name a shared directory with `checkpoint_dir` in [execution]" if several and any("checkpoint" in p for p in problems) else "")
             )
@@ -367,7 +440,7 @@ class RayExecutor:
                     attempt = self.attempts.get(cell.id, 0) + 1
                     self.attempts[cell.id] = attempt
                     cpus, gpus = self.resources(cell)
-                    spec = WorkerSpec(plugins=job.registry.plugins, threads=cpus, checkpoint_dir=checkpoints)
+                    spec = WorkerSpec(plugins=job.registry.plugins, threads=cpus, checkpoint_dir=checkpoints, data=self.node_data)
                     try:
                         gen = task.options(name=f"cell {cell.label}"[:100], num_cpus=cpus, num_gpus=gpus).remote(cell, spec)
                     except (TypeError, ValueError, AttributeError) as exc:  # what pickling raises

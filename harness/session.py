@@ -118,6 +118,10 @@ class PreloadedData:
         """The bundle loaded for ``config``'s data set, once; ``None`` when there is none (left)."""
         return self._bundles.pop(self.key(config), None)
 
+    def items(self) -> list[tuple[str, Any]]:
+        """``(key, bundle)`` of every data set still held."""
+        return list(self._bundles.items())
+
     def __len__(self) -> int:
         return len(self._bundles)
 

@@ -20,7 +20,7 @@ from harness import ray_executor  # noqa: E402
 
 def main(argv: list[str]) -> int:
     real_pm = registry_module.get_plugin_manager
-    registry_module.get_plugin_manager = lambda **kw: real_pm(extra_plugins=[(ray_plugins.SlowTrainers(), "test_slow")], **kw)
+    registry_module.get_plugin_manager = lambda **kw: real_pm(extra_plugins=[(ray_plugins.RayTestPlugins(), "test_slow")], **kw)
     real_start = ray_executor.RayExecutor.start
 
     def start(self) -> None:

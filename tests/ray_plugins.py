@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 from harness import hookimpl
+from snn_harness_plugins.datasets import digits
 from snn_harness_plugins.trainers import BPTTTrainer
 
 
@@ -22,7 +24,20 @@ class SlowBPTT(BPTTTrainer):
         return out
 
 
-class SlowTrainers:
+def counted_digits(log: str = ""):
+    """The digits data set, which appends the loading process's pid to the file ``log`` (when
+    given) every time it is loaded: a test counts the loads."""
+    if log:
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+    return digits()
+
+
+class RayTestPlugins:
     @hookimpl
     def register_trainers(self, registry) -> None:
         registry.add("slow_bptt", SlowBPTT)
+
+    @hookimpl
+    def register_datasets(self, registry) -> None:
+        registry.add("counted_digits", counted_digits)

@@ -83,11 +83,11 @@ def _runner(monkeypatch):
     """``harness run`` in this process, with the slow trainer plugin and, per call, an
     :class:`EventLog` and further observers; ``run.executors`` keeps the ray executors made."""
     import harness.registry as registry_module
-    from ray_plugins import SlowTrainers
+    from ray_plugins import RayTestPlugins
 
     real_pm, real_observers = registry_module.get_plugin_manager, registry_module.register_observers
     monkeypatch.setattr(registry_module, "get_plugin_manager",
-                        lambda **kw: real_pm(extra_plugins=[(SlowTrainers(), "test_slow")], **kw))
+                        lambda **kw: real_pm(extra_plugins=[(RayTestPlugins(), "test_slow")], **kw))
     executors = []
 
     def run(matrix: Path, results: Path, *args: str, log: EventLog | None = None, observers: list = ()) -> int:
@@ -174,7 +174,9 @@ seed = [0, 1, 2, 3]
 
 
 def test_four_cells_two_at_a_time_on_two_nodes_give_serials_numbers_one_run_each_events_in_order(harness_run, serial, tmp_path, capsys):
-    matrix = _matrix(tmp_path, FOUR, "ray4", epochs=EPOCHS, delay=0.15)  # 1.2 s a cell: they overlap
+    loads = tmp_path / "loads.txt"  # the digits again, counting its loads
+    matrix = _matrix(tmp_path, FOUR + f'[options.dataset.counted_digits]\nlog = "{loads}"\n', "ray4", epochs=EPOCHS, delay=0.15)
+    matrix.write_text(matrix.read_text().replace('dataset = "digits"', 'dataset = "counted_digits"', 1))  # 1.2 s a cell: they overlap
     log = EventLog()
     capsys.readouterr()
     assert harness_run(matrix, tmp_path / "ray", "--executor", "ray", "--jobs", "2", log=log) == 0
@@ -208,6 +210,9 @@ def test_four_cells_two_at_a_time_on_two_nodes_give_serials_numbers_one_run_each
     executor = harness_run.executors[-1]
     assert all(not r.mlflow_imported for r in executor.reports.values())  # a worker never imports MLflow
     assert len(executor.reports) == 4 and len({r.node_id for r in executor.reports.values()}) == 2  # both nodes ran cells
+    # the data set was loaded once on each node, by its probe; every cell took its copy from there
+    assert len(loads.read_text().split()) == 2
+    assert not executor.node_data  # the copies left the object store with the run
 
 
 def _slow_cell(tmp_path: Path, extra: str = "") -> Path:
@@ -412,12 +417,12 @@ def test_a_node_that_cannot_read_the_drivers_checkpoint_directory_is_named(tmp_p
     from harness.registry import get_registry
 
     plugins = get_registry().plugins
-    host, problems = node_probe([], plugins, str(tmp_path / "elsewhere" / ".probe-x"), "x")
+    (host, problems, _), _ = node_probe([], plugins, str(tmp_path / "elsewhere" / ".probe-x"), "x")
     assert len(problems) == 1 and "cannot read the checkpoint directory the driver wrote" in problems[0]
     (tmp_path / ".probe-x").write_text("another run's token")
-    assert "holds another run's probe file" in node_probe([], plugins, str(tmp_path / ".probe-x"), "x")[1][0]
+    assert "holds another run's probe file" in node_probe([], plugins, str(tmp_path / ".probe-x"), "x")[0][1][0]
     (tmp_path / ".probe-x").write_text("x")
-    assert node_probe([], plugins, str(tmp_path / ".probe-x"), "x")[1] == []
+    assert node_probe([], plugins, str(tmp_path / ".probe-x"), "x")[0][1] == []
 
 
 class TrackingDown:
@@ -503,6 +508,41 @@ def test_a_tracking_server_that_goes_away_fails_the_cells_it_cannot_record_with_
     told = {(labels[c], str(kw["epoch"])) for c, n, kw in log.events if n == "on_epoch_end"}
     assert recorded == told and told  # every epoch the observers were told of is in the files
     assert {r["status"] for r in _summary(tmp_path / "results", "gone").values()} == {"failed"}
+
+
+def test_a_data_set_that_cannot_travel_is_left_to_its_cells_and_each_cell_gets_its_own_copy(registry, tiny_matrix):
+    """What a node's probe keeps for its cells: each data set pickled, or left out with why (it
+    cannot be pickled, or is too large); a cell unpickles a copy of its own data set."""
+    import dataclasses
+    import threading
+
+    import torch
+    from ray import cloudpickle
+
+    import ray
+    from harness.matrix import load_matrix
+    from harness.ray_executor import NodeData, _node_data, pack_data
+    from harness.session import PreloadedData, check_data
+
+    cells = load_matrix(tiny_matrix("[matrix]\ntime_steps = [2, 3]\n"), registry).cells
+    loaded = PreloadedData()
+    check_data(load_matrix(tiny_matrix(name="one"), registry), registry, loaded)
+    (key, bundle), = loaded.items()
+    locked = dataclasses.replace(bundle, train=[threading.Lock()])  # an open handle, say
+    loaded.put(cells[1].config, locked)
+    packed = pack_data(loaded)
+    assert list(packed.bundles) == [key] and cloudpickle.loads(packed.bundles[key]).files == bundle.files
+    (why,) = packed.left_out.values()
+    assert why.startswith("it cannot be pickled (TypeError:") and "lock" in why
+    assert pack_data(loaded, limit=100).left_out[key].endswith("is larger than 0 MiB")
+
+    ref = ray.put(packed)
+    first, again = _node_data(ref, cells[0]), _node_data(ref, cells[0])
+    a, b = first.take(cells[0].config), again.take(cells[0].config)
+    assert a is not b and a.train is not b.train  # a copy each: a cell's bundle is its own
+    assert torch.equal(a.train[0][0], bundle.train[0][0]) and len(a.test) == len(bundle.test)
+    assert _node_data(ref, cells[1]) is None  # left out: this cell loads it
+    assert _node_data(None, cells[0]) is None  # no probe on this node (it joined later)
 
 
 def test_a_cell_that_raises_is_failed_with_its_traceback_as_under_serial(harness_run, tmp_path):

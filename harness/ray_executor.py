@@ -265,6 +265,7 @@ class RayExecutor:
         self.reports: dict[str, WorkerReport] = {}  # cell id -> where its last attempt ran
         self.attempts: dict[str, int] = {}  # cell id -> attempts made
         self.node_data: dict[str, Any] = {}  # node id -> ObjectRef of the NodeData its probe loaded
+        self._stopping: threading.Thread | None = None  # the local instance's shutdown, once every cell ended
         if config.address is None:  # before any method imports Ray: its address is read at import
             os.environ.setdefault(LOOPBACK_ENV, "0")
 
@@ -306,13 +307,30 @@ class RayExecutor:
                                "--executor serial runs the cells without Ray") from exc
 
     def close(self) -> None:
-        """Stop the local instance this executor started (a joined cluster stays up)."""
+        """Stop the local instance this executor started (a joined cluster stays up), or wait
+        for the shutdown :meth:`run` began when the last cell ended."""
+        self.node_data = {}  # the data sets leave the object store of a cluster that stays up
+        if self._stopping is not None:
+            self._stopping.join()
+            self._stopping = None
+        if self.owns_ray:
+            self._stop_ray()
+
+    def _stop_ray(self) -> None:
         import ray
 
-        self.node_data = {}  # the data sets leave the object store of a cluster that stays up
-        if self.owns_ray and ray.is_initialized():
+        if ray.is_initialized():
             ray.shutdown()
         self.owns_ray = False
+
+    def _stop_soon(self) -> None:
+        """Every cell has ended: stop the local instance in a thread of its own while the
+        observers finish the matrix (summary, plots, tracking), since Ray takes a second or two
+        to stop its processes one after another; :meth:`close` waits for it."""
+        if self.owns_ray and self._stopping is None:
+            self.node_data = {}
+            self._stopping = threading.Thread(target=self._stop_ray, name="harness-ray-shutdown")
+            self._stopping.start()
 
     def resources(self, cell: Any = None) -> tuple[int, float]:
         """``(cpus_per_cell, gpus_per_cell)`` of ``cell`` (of a GPU cell when None): the
@@ -460,6 +478,8 @@ class RayExecutor:
                         pending.insert(0, state.cell)
                         continue
                     result, interrupted = self._finish(outcome, state, delivery, job)
+                    if not pending and not running:
+                        self._stop_soon()
                     yield result
                     if interrupted:  # Ctrl-C came while the observers recorded the end
                         raise KeyboardInterrupt

@@ -545,6 +545,49 @@ def test_a_data_set_that_cannot_travel_is_left_to_its_cells_and_each_cell_gets_i
     assert _node_data(None, cells[0]) is None  # no probe on this node (it joined later)
 
 
+class MatrixEnd:
+    """An observer that notes when the matrix's end reaches it, and what Ray was doing then."""
+
+    from harness import hookimpl
+
+    def __init__(self, calls: list, ended: threading.Event) -> None:
+        self.calls, self.ended = calls, ended
+
+    @hookimpl
+    def on_matrix_end(self, run, results):
+        self.calls.append(("on_matrix_end", [r.status for r in results]))
+        self.ended.set()
+
+
+def test_a_local_instance_stops_in_the_background_while_the_observers_end_the_matrix(harness_run, tmp_path, monkeypatch):
+    """The instance the executor started is shut down as the last cell ends, in a thread of its
+    own, while the matrix's end is recorded; ``close`` waits for it. (Here the executor is made
+    to own this session's cluster, whose shutdown is only noted.)"""
+    import ray
+    from harness import ray_executor
+
+    calls: list = []
+    ended = threading.Event()
+
+    def shutdown(**kw):  # lasts until the observers have ended the matrix: they do not wait for it
+        calls.append(("shutdown", threading.current_thread() is threading.main_thread()))
+        calls.append(("shut down", ended.wait(timeout=20)))
+
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    real_start = ray_executor.RayExecutor.start
+
+    def start(self):
+        real_start(self)
+        self.owns_ray = True
+
+    monkeypatch.setattr(ray_executor.RayExecutor, "start", start)
+    matrix = _matrix(tmp_path, "[execution]\ncpus_per_cell = 1\n", "stops", epochs=1, delay=0.0)
+    assert harness_run(matrix, tmp_path / "ray", "--executor", "ray", observers=[MatrixEnd(calls, ended)]) == 0
+    assert calls[0] == ("shutdown", False)  # begun in another thread, before the matrix's end
+    assert calls[1:] == [("on_matrix_end", ["finished"]), ("shut down", True)]  # meanwhile; and waited for
+    assert harness_run.executors[-1].owns_ray is False
+
+
 def test_a_cell_that_raises_is_failed_with_its_traceback_as_under_serial(harness_run, tmp_path):
     matrix = _matrix(tmp_path, "[execution]\ncpus_per_cell = 1\n", "raises", epochs=1, delay=-1.0)  # sleep(-1) raises
     log = EventLog()

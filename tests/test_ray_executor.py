@@ -457,8 +457,6 @@ def test_an_observer_that_stays_down_fails_its_cell_with_the_reason_and_the_othe
     assert {r.data.tags["harness.cell_label"]: r.info.status for r in cells} == {"seed=0": "FAILED", "seed=1": "FINISHED"}
 
 
-
-
 def test_a_tracking_server_that_goes_away_fails_the_cells_it_cannot_record_with_the_reason(harness_run, tmp_path, monkeypatch, capsys):
     """A real ``mlflow server`` on 127.0.0.1, stopped while the cells train: the driver retries
     the writes, then fails every cell it could not record, saying why; the result files keep

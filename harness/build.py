@@ -8,6 +8,7 @@ each process's own random stream) is :class:`harness.engine.Engine`'s.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,25 +88,80 @@ def build_model(config: CellConfig, registry: Registry, data: DatasetBundle) -> 
     )
 
 
-def build_optimizer(params: Any, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(model_or_params: nn.Module | Any, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names, from timm's factory (``timm.optim.create_optimizer_v2``).
+
+    ``sgd`` is torch's SGD with classical momentum (timm's ``momentum``), Nesterov's with
+    ``nesterov = true``. ``filter_bias_and_bn`` (given a module) puts every 1-D parameter
+    (biases, normalizer scales and shifts) in a group without weight decay; otherwise all the
+    parameters are one group, with ``weight_decay``. ``betas`` and ``eps`` reach the optimizers
+    that take them (timm drops them for the others)."""
+    from timm.optim import create_optimizer_v2
+
+    kwargs: dict[str, Any] = {"betas": tuple(cfg.betas)}
+    if cfg.eps is not None:
+        kwargs["eps"] = cfg.eps
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    raise HarnessError(f"unknown optimizer {cfg.name!r}; known optimizers: adam, adamw, sgd")
+        kwargs["nesterov"] = cfg.nesterov
+    filtered = cfg.filter_bias_and_bn and isinstance(model_or_params, nn.Module)
+    if not filtered and isinstance(model_or_params, nn.Module):
+        model_or_params = [p for p in model_or_params.parameters() if p.requires_grad]  # one group, in order
+    return create_optimizer_v2(model_or_params, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                               momentum=cfg.momentum, filter_bias_and_bn=filtered, **kwargs)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int) -> Any:
-    """Stepped once per epoch."""
-    if cfg.name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=cfg.min_lr)
-    if cfg.name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    if cfg.name == "constant":
-        return None
-    raise HarnessError(f"unknown lr schedule {cfg.name!r}; known: constant, cosine, step")
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, epochs: int, updates_per_epoch: int = 0) -> Any:
+    """The learning-rate schedule ``cfg`` names, from timm's factory
+    (``timm.scheduler.create_scheduler_v2``) over ``epochs`` (the warm-up is within them).
+
+    A timm scheduler is told the epoch at the end of each epoch (``step(epoch, metric)``, the
+    metric being the epoch's test top-1, which ``plateau`` watches) and the update count after
+    every optimizer step (``step_update(n)``); the one with ``per_iteration`` acts on the
+    latter, over ``epochs * updates_per_epoch`` updates. Cosine without warm-up is
+    ``min_lr + (lr - min_lr) (1 + cos(pi t / epochs)) / 2`` at epoch ``t`` (0-based), as
+    ``torch.optim.lr_scheduler.CosineAnnealingLR``.
+
+    :raises HarnessError: ``per_iteration`` without ``updates_per_epoch``.
+    """
+    from timm.scheduler import create_scheduler_v2
+
+    if cfg.per_iteration and updates_per_epoch < 1:
+        raise HarnessError("lr_schedule.per_iteration needs the number of optimizer steps per epoch (updates_per_epoch)")
+    with warnings.catch_warnings():
+        # timm deprecates plateau since its own checkpoints lose the counters; the harness's keep
+        # them (scheduler_state), so a resumed plateau cell goes on exactly
+        warnings.filterwarnings("ignore", message="PlateauLRScheduler is deprecated", category=FutureWarning)
+        scheduler, _ = create_scheduler_v2(
+            optimizer, sched=cfg.name, num_epochs=epochs, decay_epochs=cfg.step_size, decay_milestones=list(cfg.milestones),
+            decay_rate=cfg.gamma, patience_epochs=cfg.patience, min_lr=cfg.min_lr, warmup_lr=cfg.warmup_lr,
+            warmup_epochs=cfg.warmup_epochs, plateau_mode="max", step_on_epochs=not cfg.per_iteration,
+            updates_per_epoch=updates_per_epoch if cfg.per_iteration else 0,
+        )
+    return scheduler
+
+
+def scheduler_state(scheduler: Any) -> dict[str, Any]:
+    """What a checkpoint keeps of ``scheduler`` for an exact resume: timm's state, and for
+    ``plateau`` the state of the torch ``ReduceLROnPlateau`` inside it too (its count of epochs
+    without improvement, its cool-down), which timm's own ``state_dict`` leaves out."""
+    if scheduler is None:
+        return {}
+    state = dict(scheduler.state_dict())
+    inner = getattr(scheduler, "lr_scheduler", None)
+    if inner is not None:
+        state["torch_plateau"] = inner.state_dict()
+    return state
+
+
+def load_scheduler_state(scheduler: Any, state: dict[str, Any]) -> None:
+    """Inverse of :func:`scheduler_state`."""
+    if scheduler is None:
+        return
+    state = dict(state)
+    inner = state.pop("torch_plateau", None)
+    scheduler.load_state_dict(state)
+    if inner is not None:
+        scheduler.lr_scheduler.load_state_dict(inner)
 
 
 @dataclass
@@ -125,18 +181,20 @@ class CellParts:
             self.step_optimizer = self.optimizer
 
 
-def build_cell(config: CellConfig, registry: Registry, data: DatasetBundle, device: torch.device | str = "cpu") -> CellParts:
+def build_cell(config: CellConfig, registry: Registry, data: DatasetBundle, device: torch.device | str = "cpu",
+               updates_per_epoch: int = 0) -> CellParts:
     """Everything a cell trains, built from ``config`` and ``registry`` for ``data`` (for its
     shapes and classes), on ``device``: the model (under ``torch.compile`` when ``compile`` is
-    set, in place), the trainer, the loss, the optimizer, the learning-rate schedule and the
+    set, in place), the trainer, the loss, the optimizer, the learning-rate schedule (over
+    ``updates_per_epoch`` optimizer steps an epoch when it advances per iteration) and the
     cell's meters. Draws the initial weights from torch's global random state."""
     model = build_model(config, registry, data).to(device)
     if config.compile:  # in place: the module, its state dict and its hooks stay what they were
         model.compile(dynamic=False)
     trainer = registry.trainers[config.trainer.name](**config.trainer.options)
     loss_fn = registry.losses[config.loss.name](**config.loss.options)
-    optimizer = build_optimizer(model.parameters(), config.optimizer)
-    scheduler = build_scheduler(optimizer, config.lr_schedule, config.epochs)
+    optimizer = build_optimizer(model, config.optimizer)
+    scheduler = build_scheduler(optimizer, config.lr_schedule, config.epochs, updates_per_epoch)
     return CellParts(model, trainer, loss_fn, optimizer, scheduler, CellMeters(model, torch.device(device), config.meters))
 
 

@@ -36,22 +36,43 @@ class NeuronConfig:
     detach_reset: bool = True  # reset kept out of the graph (official code)
 
 
+OPTIMIZERS = ("sgd", "adam", "adamw", "nadam", "nadamw", "radam", "lamb", "lars", "lion", "rmsprop", "adabelief", "adamp",
+              "sgdp", "adopt", "laprop", "madgrad")
+"""The optimizers a cell may name: timm's optimizer factory builds each under this name
+(``sgd`` is torch's SGD with ``momentum``, and Nesterov momentum only with ``nesterov = true``)."""
+
+SCHEDULES = ("cosine", "constant", "step", "multistep", "tanh", "poly", "plateau")
+"""The learning-rate schedules a cell may name: timm's scheduler factory builds each."""
+
+
 @dataclass(frozen=True)
 class OptimizerConfig:
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    """The optimizer, by timm's name (:data:`OPTIMIZERS`), built by ``timm.optim.create_optimizer_v2``."""
+
+    name: Literal[OPTIMIZERS] = "sgd"  # type: ignore[valid-type]
     lr: Annotated[float, Range(0.0, low_open=True)] = 0.1
-    momentum: Annotated[float, Range(0.0, 1.0, high_open=True)] = 0.9  # SGD only
+    momentum: Annotated[float, Range(0.0, 1.0, high_open=True)] = 0.9  # optimizers with momentum (sgd, lars, rmsprop, sgdp)
     weight_decay: Annotated[float, Range(0.0)] = 5e-4
-    nesterov: bool = False  # SGD only
-    betas: Annotated[tuple[float, float], Range(0.0, 1.0, high_open=True)] = (0.9, 0.999)  # Adam/AdamW only
+    nesterov: bool = False  # sgd only
+    betas: Annotated[tuple[float, float], Range(0.0, 1.0, high_open=True)] = (0.9, 0.999)  # every optimizer with two betas gets these (lion too)
+    eps: Annotated[float, Range(0.0, low_open=True)] | None = None  # optimizers with an epsilon; None: the optimizer's default
+    filter_bias_and_bn: bool = False  # true: no weight decay on biases and normalizer parameters (every 1-D parameter)
 
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    name: Literal["cosine", "constant", "step"] = "cosine"  # cosine annealing over all epochs
-    min_lr: Annotated[float, Range(0.0)] = 0.0  # cosine: the final learning rate
+    """The learning-rate schedule, by timm's name (:data:`SCHEDULES`), built by
+    ``timm.scheduler.create_scheduler_v2`` over the cell's epochs (warm-up included)."""
+
+    name: Literal[SCHEDULES] = "cosine"  # type: ignore[valid-type]  # cosine: annealed to min_lr over all epochs
+    min_lr: Annotated[float, Range(0.0)] = 0.0  # cosine, tanh, poly: the final learning rate
     step_size: Annotated[int, Range(1)] = 30  # step: epochs between decays
-    gamma: Annotated[float, Range(0.0, low_open=True)] = 0.1  # step: decay factor
+    gamma: Annotated[float, Range(0.0, low_open=True)] = 0.1  # step, multistep, plateau: decay factor; poly: the power
+    milestones: Annotated[tuple[int, ...], Range(1)] = (30, 60)  # multistep: the epochs (from 1) that start at a decayed rate
+    patience: Annotated[int, Range(0)] = 10  # plateau: epochs without a better test top-1 before a decay
+    warmup_epochs: Annotated[int, Range(0)] = 0  # linear warm-up from warmup_lr, within the epochs
+    warmup_lr: Annotated[float, Range(0.0)] = 1e-5  # the learning rate the warm-up starts from
+    per_iteration: bool = False  # true: the schedule advances at every optimizer step, not once per epoch
 
 
 @dataclass(frozen=True)
@@ -116,7 +137,12 @@ OBSERVATION_KEYS = ("meters", "membrane_histograms", "synops_epochs")
 # Settings added after cell ids were first published, with the value every earlier cell ran
 # with: hashed only when set to something else, so that adding a setting leaves the ids of the
 # cells that do not use it (and so their finished runs and checkpoints) as they were.
-LATER_KEYS: dict[str, Any] = {"precision": "float32", "deterministic": False, "cudnn_benchmark": True, "compile": False}
+LATER_KEYS: dict[str, Any] = {
+    "precision": "float32", "deterministic": False, "cudnn_benchmark": True, "compile": False,
+    "optimizer.eps": None, "optimizer.filter_bias_and_bn": False,
+    "lr_schedule.milestones": (30, 60), "lr_schedule.patience": 10, "lr_schedule.warmup_epochs": 0,
+    "lr_schedule.warmup_lr": 1e-5, "lr_schedule.per_iteration": False,
+}  # fmt: skip
 
 
 def _hashed(config: CellConfig, leave_out: tuple[str, ...] = ()) -> str:
@@ -151,7 +177,7 @@ def from_dict(data: dict[str, Any]) -> CellConfig:
     for kind in COMPONENT_KINDS:
         kwargs[kind] = Component(**data[kind])
     kwargs["optimizer"] = OptimizerConfig(**{**data["optimizer"], "betas": tuple(data["optimizer"]["betas"])})
-    kwargs["lr_schedule"] = ScheduleConfig(**data["lr_schedule"])
+    kwargs["lr_schedule"] = ScheduleConfig(**{**data["lr_schedule"], "milestones": tuple(data["lr_schedule"].get("milestones", (30, 60)))})
     kwargs["neuron"] = NeuronConfig(**data["neuron"])
     if "meters" in data:
         kwargs["meters"] = tuple(data["meters"])

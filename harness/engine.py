@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from harness import checkpoint, parallel
-from harness.build import CellParts, seed_process
+from harness.build import CellParts, load_scheduler_state, seed_process
 from harness.config import CellConfig
 from harness.errors import HarnessError
 
@@ -191,8 +191,7 @@ def restore(state: dict[str, Any], parts: CellParts, generator: torch.Generator,
     every process process 0's."""
     parts.model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
-    if parts.scheduler is not None:
-        parts.scheduler.load_state_dict(state["scheduler"])
+    load_scheduler_state(parts.scheduler, state["scheduler"])
     ranks = state.get("rng_ranks") or []
     if par.enabled and len(ranks) == par.world_size:
         return checkpoint.set_rng_state(ranks[par.rank], generator)

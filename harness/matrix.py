@@ -16,8 +16,10 @@ Schema (every key is checked; errors name the file, the section, the key and wha
     time_steps = 4
     device = "auto"                 # "cpu", "cuda", "cuda:1"; precision = "float32" | "bfloat16";
                                     # deterministic = false; cudnn_benchmark = true; compile = false
-    [defaults.optimizer]            # name, lr, momentum, weight_decay, nesterov, betas
-    [defaults.lr_schedule]          # name = "cosine" | "constant" | "step", ...
+    [defaults.optimizer]            # name (timm's: sgd, adamw, lamb, ...), lr, momentum, weight_decay,
+                                    # nesterov, betas, eps, filter_bias_and_bn
+    [defaults.lr_schedule]          # name = "cosine" | "step" | "multistep" | "plateau" | ..., min_lr,
+                                    # warmup_epochs, warmup_lr, per_iteration, ...
     [defaults.neuron]               # tau, reset, surrogate_alpha, detach_reset
 
     [matrix]                        # axes: any default (dotted for nested) or a plugin option
@@ -521,6 +523,9 @@ def _resolve(
         hint = _HINTS[key]
         if key in NESTED:
             kwargs[key] = validate.build_dataclass(hint, value, where(key), prefix=f"{key}.")
+            if key == "lr_schedule" and kwargs[key].name == "plateau" and kwargs[key].per_iteration:
+                raise ConfigError(f"{where(key)}: key 'lr_schedule.per_iteration': the plateau schedule watches the test "
+                                  "top-1, once an epoch: it cannot advance per iteration")
             continue
         try:
             kwargs[key] = validate.check(value, hint)

@@ -209,12 +209,13 @@ def warm_worker(plugins: Any) -> None:
 
 def _warm_imports() -> None:
     """What every cell imports, imported once per worker before the first cell starts: torch and
-    the training loop, and ``torch._dynamo``, which the first optimizer of a process imports
-    (``torch.optim`` guards its constructors with it; seconds of a cell's start otherwise)."""
+    the training loop, timm's optimizer and scheduler factories (timm imports its models with
+    them), and ``torch._dynamo``, which the first optimizer of a process imports (``torch.optim``
+    guards its constructors with it; seconds of a cell's start otherwise)."""
     import importlib
 
-    importlib.import_module("harness.runner")
-    importlib.import_module("torch._dynamo")
+    for module in ("harness.runner", "timm.optim", "timm.scheduler", "torch._dynamo"):
+        importlib.import_module(module)
 
 
 @dataclass(frozen=True)

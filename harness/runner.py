@@ -6,6 +6,7 @@ agreed between processes) is behind :class:`harness.engine.Engine`, and resuming
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 import traceback
@@ -27,6 +28,7 @@ from harness.build import (  # noqa: F401 - also the public names of this module
     build_scheduler,
     load_dataset,
     resolve_device,
+    scheduler_state,
     seed_everything,
 )
 from harness.config import CellConfig
@@ -103,6 +105,23 @@ def _failed(result: CellResult, exc: BaseException) -> None:
     result.error_message = error_message(exc)
 
 
+def _scheduled(train_batch: Any, scheduler: Any, first_update: int) -> Any:
+    """``train_batch``, then the schedule told the number of optimizer steps so far (timm's
+    ``step_update``: a schedule that advances per iteration sets the next step's learning rate;
+    one per epoch ignores it). The count goes on from ``first_update``, the steps of the epochs
+    before (a resumed cell's included)."""
+    if scheduler is None:
+        return train_batch
+    updates = itertools.count(first_update + 1)
+
+    def step(inputs: Any, target: Any) -> Any:
+        result = train_batch(inputs, target)
+        scheduler.step_update(num_updates=next(updates))
+        return result
+
+    return step
+
+
 def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, ckpt: Path | None, preloaded: Any = None) -> None:
     cfg, hook = cell.config, engine.hook
     with engine.hold():  # build the cell: its errors are agreed on by every process
@@ -116,9 +135,10 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
         fresh = checkpoint.rng_state(generator)  # where building starts from (again, after a bad checkpoint)
         train_set = train_subset(data.train, cfg.train_subset)
         loaders = build_loaders(cfg, data, train_set, generator, device)
+        num_train = _batches(len(loaders.train), cfg.max_train_batches)
 
         def build() -> CellParts:
-            return engine.prepare(build_cell(cfg, registry, data, device), cfg, generator)
+            return engine.prepare(build_cell(cfg, registry, data, device, updates_per_epoch=num_train), cfg, generator)
 
         parts = build()
     engine.settle("while building the cell")
@@ -140,7 +160,6 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
         hook.on_epoch_end(cell=cell, epoch=int(state["epoch"]), metrics=dict(state["metrics"]))
         engine.mark_told(ckpt, int(state["epoch"]))
     guard = engine.guard(model)
-    num_train = _batches(len(loaders.train), cfg.max_train_batches)
     num_test = _batches(len(loaders.test), cfg.max_eval_batches)
     try:
         for epoch in range(first_epoch, cfg.epochs + 1):
@@ -149,9 +168,11 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
             lr = optimizer.param_groups[0]["lr"]
             guard.start(epoch)
             loaders.set_epoch(epoch)
+            train_batch = _scheduled(lambda x, y: trainer.train_batch(model, x, y, loss_fn, parts.step_optimizer),
+                                     scheduler, first_update=(epoch - 1) * num_train)
             train = engine.training_pass(lambda: _run_epoch(
                 cell, "train", loaders.train, num_train, device, data.temporal, hook, meters, autocast,
-                lambda x, y: trainer.train_batch(model, x, y, loss_fn, parts.step_optimizer), guard, engine.reduce_pass,
+                train_batch, guard, engine.reduce_pass,
             ), cell, epoch)
             with engine.hold():  # evaluation and bookkeeping: errors here are agreed on below
                 if not math.isfinite(train["train_loss"]):  # the union batch's loss: the same verdict everywhere
@@ -160,8 +181,8 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
                 meters.count_synops = cfg.synops_epochs == "every" or epoch == cfg.epochs  # counting costs a third of an evaluation
                 test = _run_epoch(cell, "test", loaders.test, num_test, device, data.temporal, hook, meters, autocast,
                                   lambda x, y: trainer.eval_batch(model, x, y, loss_fn))
-                if scheduler is not None:
-                    scheduler.step()
+                if scheduler is not None:  # timm's: the epoch that ended, and what plateau watches
+                    scheduler.step(epoch, test["test_top1"])
                 best = max(best, test["test_top1"])
                 metrics = {
                     **train,
@@ -183,7 +204,7 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
                     "metrics": metrics,
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                    "scheduler": scheduler_state(scheduler),
                     **engine.rng_ranks(rng),
                 })
             # Only now is the epoch told: a process killed in between resumes after this epoch

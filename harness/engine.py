@@ -216,6 +216,7 @@ class Engine:
 
     def __init__(self, hook: Any) -> None:
         self.par = parallel.current()
+        self.observers_elsewhere = bool(getattr(hook, "observers_elsewhere", False))  # a worker's EventSender
         self.hook = HeldHook(hook) if self.par.enabled else hook
         self.held = self.hook if isinstance(self.hook, HeldHook) else None
         self.meetings = Meetings(self.par, self.held)
@@ -289,8 +290,10 @@ class Engine:
             checkpoint.save(ckpt, cell_id, snapshot())
 
     def mark_told(self, ckpt: Path | None, epoch: int) -> None:
-        """After the observers heard of ``epoch``: a resume need not tell them again."""
-        if ckpt is not None and self.is_main and ckpt.is_dir():
+        """After the observers heard of ``epoch``: a resume need not tell them again. Where the
+        observers are in another process (a Ray worker's cell), the driver notes it instead,
+        once it has delivered the event."""
+        if ckpt is not None and self.is_main and not self.observers_elsewhere and ckpt.is_dir():
             if self.held is not None:
                 self.held.run(checkpoint.mark_told, ckpt, epoch)
             else:

@@ -74,7 +74,13 @@ class EventSender:
     :class:`CellEvent`. Batch events are throttled to one per ``batch_interval`` seconds per
     pass (the last batch of a pass is always sent); every cell and epoch event is sent.
     ``extra_info`` is added to the ``on_cell_start`` info (e.g. which worker runs the cell).
+
+    ``observers_elsewhere``: the observers hear an event only once the driver delivers it, so the
+    worker never notes an epoch as told (a driver stopped with the event still in flight would
+    leave that epoch out of the history for good); the driver notes it after delivering it.
     """
+
+    observers_elsewhere = True
 
     def __init__(self, send: Callable[[CellEvent], None], batch_interval: float = 0.25,
                  extra_info: dict[str, Any] | None = None) -> None:

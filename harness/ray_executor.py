@@ -267,6 +267,7 @@ class RayExecutor:
         self.attempts: dict[str, int] = {}  # cell id -> attempts made
         self.node_data: dict[str, Any] = {}  # node id -> ObjectRef of the NodeData its probe loaded
         self._stopping: threading.Thread | None = None  # the local instance's shutdown, once every cell ended
+        self.checkpoint_dir: Path | None = None  # the cells' checkpoints (shared by every node), while running
         if config.address is None:  # before any method imports Ray: its address is read at import
             os.environ.setdefault(LOOPBACK_ENV, "0")
 
@@ -445,6 +446,7 @@ class RayExecutor:
 
         self.start()
         checkpoints = str(Path(job.checkpoint_dir).resolve()) if job.checkpoint_dir is not None else None
+        self.checkpoint_dir = Path(checkpoints) if checkpoints else None
         task = ray.remote(max_retries=0)(cell_task)
         delivery = Delivery(job.hook, {c.id: c for c in cells}, retry_delays=self.retry_delays)
         pending = list(cells)
@@ -531,12 +533,25 @@ class RayExecutor:
         try:
             with interrupts_deferred():  # Ctrl-C waits until every observer has the event
                 delivery.deliver(item)
+                if item.name == "on_epoch_end":
+                    self._mark_told(cell, int(item.payload["epoch"]))
         except ObserverFailed as exc:  # e.g. the tracking server stayed away: the cell stops, recorded as failed
             ray.cancel(gen, force=True)
             print(f"harness: cell [{cell.label}]: {exc}; the cell is stopped", file=self.stream)
             result = _failed_result(cell, exc, f"{exc}\n\n{getattr(exc, 'detail', '')}", **self._so_far(delivery, cell))
             return result
         return None
+
+    def _mark_told(self, cell: Any, epoch: int) -> None:
+        """Every observer has the epoch: a resume of the cell need not tell it again (the worker
+        leaves this to the driver, see :class:`harness.events.EventSender`)."""
+        if self.checkpoint_dir is None:
+            return
+        from harness import checkpoint
+
+        directory = self.checkpoint_dir / cell.id
+        if directory.is_dir():
+            checkpoint.mark_told(directory, epoch)
 
     def _died(self, gen: Any, state: _Running, why: str, delivery: Delivery) -> CellResult | str:
         cell = state.cell

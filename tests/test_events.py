@@ -103,3 +103,26 @@ def test_the_execution_table_is_read_and_flags_override_it(write_toml, registry)
 def test_a_bad_execution_table_names_the_file_and_the_key(write_toml, registry, table, message):
     with pytest.raises(ConfigError, match=message):
         load_matrix(write_toml(BASE + table + "\n"), registry)
+
+
+def test_a_worker_never_notes_an_epoch_as_told_the_driver_does_once_it_delivered_it(registry, tmp_path):
+    """The worker's cell sends its epochs and checkpoints them, but leaves the "told" note to the
+    driver: a driver stopped with an epoch's event in flight must have the resume tell it again."""
+    from harness import checkpoint
+    from harness.matrix import ExecutionConfig
+    from harness.ray_executor import RayExecutor
+    from harness.runner import run_cell
+
+    from cell_support import tiny_cell
+
+    cell = tiny_cell(0, epochs=2)
+    sent: list = []
+    result = run_cell(cell, registry, EventSender(sent.append), checkpoint_dir=tmp_path, remove_checkpoint=False)
+    assert result.status == "finished", result.error
+    assert [e.payload["epoch"] for e in sent if e.name == "on_epoch_end"] == [1, 2]
+    directory = tmp_path / cell.id
+    assert checkpoint.load(directory, cell.id)["epoch"] == 1 and checkpoint.told(directory) is None
+    executor = RayExecutor(ExecutionConfig(executor="ray"))
+    executor.checkpoint_dir = tmp_path
+    executor._mark_told(cell, 1)
+    assert checkpoint.told(directory) == 1

@@ -261,7 +261,7 @@ BAD = [
     (BASE + "\n[matrix]\ntime_steps = 4\n", r"\[matrix\] axis 'time_steps' must be a non-empty list of values, got 4"),
     (BASE + "\n[matrix]\ntime_step = [4]\n", r"unknown axis 'time_step' in \[matrix\] \(did you mean 'time_steps'\?\)"),
     (BASE + "\n[defaults.optimizer]\nlr = \"fast\"\n", r"\[defaults\]: key 'optimizer.lr': expected a number, got 'fast'"),
-    (BASE + "\n[defaults.optimizer]\nname = \"lion\"\n", r"key 'optimizer.name': expected 'sgd' or 'adam' or 'adamw', got 'lion'"),
+    (BASE + "\n[defaults.optimizer]\nname = \"lions\"\n", r"key 'optimizer.name': expected 'sgd' or 'adam' or 'adamw' or .*'lion' or .*, got 'lions'"),
     (BASE + "\n[defaults.neuron]\ntaus = 2.0\n", r"\[defaults\]: unknown key 'neuron.taus' \(did you mean 'neuron.tau'\?\)"),
     (BASE + "\n[options.normalizer.bn]\nmomentun = 0.1\n", r"\[options.normalizer.bn\]: unknown option 'momentun' of normalizer 'bn' \(did you mean 'momentum'\?\); its options: momentum: float = 0.1"),
     (BASE + "\n[options.normalizer.bn]\nmode = \"both\"\n", r"\[options.normalizer.bn\]: option 'mode' of normalizer 'bn': expected 'renorm' or 'linear', got 'both'"),

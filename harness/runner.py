@@ -107,9 +107,10 @@ def _failed(result: CellResult, exc: BaseException) -> None:
 
 def _scheduled(train_batch: Any, scheduler: Any, first_update: int) -> Any:
     """``train_batch``, then the schedule told the number of optimizer steps so far (timm's
-    ``step_update``: a schedule that advances per iteration sets the next step's learning rate;
-    one per epoch ignores it). The count goes on from ``first_update``, the steps of the epochs
-    before (a resumed cell's included)."""
+    ``step_update``: a schedule that advances per iteration sets the next step's learning rate).
+    Given only for such a schedule (one per epoch would ignore the call: the loop makes none).
+    The count goes on from ``first_update``, the steps of the epochs before (a resumed cell's
+    included)."""
     if scheduler is None:
         return train_batch
     updates = itertools.count(first_update + 1)
@@ -169,7 +170,7 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
             guard.start(epoch)
             loaders.set_epoch(epoch)
             train_batch = _scheduled(lambda x, y: trainer.train_batch(model, x, y, loss_fn, parts.step_optimizer),
-                                     scheduler, first_update=(epoch - 1) * num_train)
+                                     scheduler if cfg.lr_schedule.per_iteration else None, first_update=(epoch - 1) * num_train)
             train = engine.training_pass(lambda: _run_epoch(
                 cell, "train", loaders.train, num_train, device, data.temporal, hook, meters, autocast,
                 train_batch, guard, engine.reduce_pass,

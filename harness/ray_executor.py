@@ -248,7 +248,23 @@ def _failed_result(cell: Any, exc: BaseException, text: str, **kw: Any) -> CellR
 class _Running:
     cell: Any
     attempt: int
-    started: float
+    started: float  # submitted (time.perf_counter())
+    first_item: float | None = None  # the first item of its stream arrived
+    ready: float = 0.0  # it could start: submitted, or the end before its first item arrived (see CellTiming)
+    end_item: float | None = None  # its on_cell_end arrived
+
+
+@dataclass(frozen=True)
+class CellTiming:
+    """Ray's cost for a cell, seen from the driver, counted from the moment the cell could start:
+    its submission, or for a cell that waited in Ray's queue for a free slot, the arrival of the
+    last cell's end before its start (the slot it got). ``to_start_s``: from there to the
+    arrival of its first event (scheduling, a worker's start where none was ready, the registry
+    and the data set in the worker). ``overhead_s``: from there to the arrival of its end, minus
+    the cell's own ``duration_s``: the time its slot spent on it outside the cell itself."""
+
+    to_start_s: float
+    overhead_s: float
 
 
 class RayExecutor:
@@ -266,6 +282,9 @@ class RayExecutor:
         self.reports: dict[str, WorkerReport] = {}  # cell id -> where its last attempt ran
         self.attempts: dict[str, int] = {}  # cell id -> attempts made
         self.node_data: dict[str, Any] = {}  # node id -> ObjectRef of the NodeData its probe loaded
+        self.timings: dict[str, CellTiming] = {}  # cell id -> its last attempt's times outside the cell
+        self.preflight_s: float | None = None  # the preflight's wall time: probe, data sets, workers' start
+        self._last_end: float = 0.0  # the latest arrival of a cell's end
         self._stopping: threading.Thread | None = None  # the local instance's shutdown, once every cell ended
         self.checkpoint_dir: Path | None = None  # the cells' checkpoints (shared by every node), while running
         if config.address is None:  # before any method imports Ray: its address is read at import
@@ -391,6 +410,7 @@ class RayExecutor:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.start()
+        began = time.perf_counter()
         for cell in matrix.cells:
             self.check_device(cell)
         needs = {self.resources(cell) for cell in matrix.cells}
@@ -425,6 +445,7 @@ class RayExecutor:
             ray.get(warming)
         finally:
             probe.unlink(missing_ok=True)
+        self.preflight_s = time.perf_counter() - began
         hosts = [host for host, _, _ in answers]
         names = [host if hosts.count(host) == 1 else f"{host} ({n['NodeID'][:8]})" for host, n in zip(hosts, nodes)]
         problems = [f"  - node {name}: {problem}" for name, (_, found, _) in zip(names, answers) for problem in found]
@@ -486,6 +507,8 @@ class RayExecutor:
                     yield result
                     if interrupted:  # Ctrl-C came while the observers recorded the end
                         raise KeyboardInterrupt
+            if self.verbose and self.timings:
+                print(f"harness: ray: {self._timing_line()}", file=self.stream)
         except KeyboardInterrupt:  # also thrown in by the session at a yield
             killed = []
             for gen, state in running.items():
@@ -511,6 +534,21 @@ class RayExecutor:
         each = f"{cpus} CPU" + (f" and {gpus:g} GPU" if gpus else "")
         return f"up to {min(limit, fit, len(cells))} cell(s) at a time, {each} each, on {nodes} node(s)"
 
+    def _timing_line(self) -> str:
+        """Ray's cost outside the cells (``--verbose``): median and range over the cells."""
+        import statistics
+
+        def spread(values: list[float]) -> str:
+            return f"{statistics.median(values):.2f} s ({min(values):.2f}-{max(values):.2f})"
+
+        over = [t.overhead_s for t in self.timings.values()]
+        start = [t.to_start_s for t in self.timings.values()]
+        line = (f"time outside the cells' own run, per cell: {spread(over)}, of which before the cell's start "
+                f"{spread(start)}, over {len(over)} cell(s)")
+        if self.preflight_s is not None:
+            line += f"; the preflight (probe, data sets, workers' start) took {self.preflight_s:.2f} s"
+        return line
+
     def _advance(self, gen: Any, state: _Running, delivery: Delivery) -> CellResult | str | None:
         """Take the next item of a cell's stream: ``None`` while the cell goes on, its result
         when it ended, ``"retry"`` when its worker died and it is to run again."""
@@ -525,10 +563,14 @@ class RayExecutor:
             return _failed_result(cell, exc, str(exc), **self._so_far(delivery, cell))
         except ray.exceptions.RayError as exc:  # the worker process or its node is gone
             return self._died(gen, state, f"{type(exc).__name__}: {exc}", delivery)
+        now = time.perf_counter()
+        if state.first_item is None:
+            state.first_item, state.ready = now, max(state.started, self._last_end)
         if isinstance(item, WorkerReport):
             self.reports[cell.id] = item
             return None
         if item.name == "on_cell_end":
+            state.end_item = self._last_end = now
             return item.payload["result"]
         try:
             with interrupts_deferred():  # Ctrl-C waits until every observer has the event
@@ -573,6 +615,9 @@ class RayExecutor:
 
     def _finish(self, result: CellResult, state: _Running, delivery: Delivery, job: CellJob) -> tuple[CellResult, bool]:
         """Record a cell's end; returns the result and whether a Ctrl-C came meanwhile."""
+        if state.end_item is not None and state.first_item is not None:  # the worker's own end
+            self.timings[result.cell_id] = CellTiming(
+                state.first_item - state.ready, state.end_item - state.ready - result.duration_s)
         if not result.duration_s:
             result = dataclasses.replace(result, duration_s=time.perf_counter() - state.started)
         interrupted = False

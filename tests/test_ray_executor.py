@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -179,8 +180,9 @@ def test_four_cells_two_at_a_time_on_two_nodes_give_serials_numbers_one_run_each
     matrix.write_text(matrix.read_text().replace('dataset = "digits"', 'dataset = "counted_digits"', 1))  # 1.2 s a cell: they overlap
     log = EventLog()
     capsys.readouterr()
-    assert harness_run(matrix, tmp_path / "ray", "--executor", "ray", "--jobs", "2", log=log) == 0
-    assert "harness: ray: up to 2 cell(s) at a time, 1 CPU each, on 2 node(s)" in capsys.readouterr().err
+    assert harness_run(matrix, tmp_path / "ray", "--executor", "ray", "--verbose", log=log) == 0  # two wait in Ray's queue
+    err = capsys.readouterr().err
+    assert "harness: ray: up to 2 cell(s) at a time, 1 CPU each, on 2 node(s)" in err
 
     ray_rows = _summary(tmp_path / "ray", "ray4")
     assert len(ray_rows) == 4 and {r["label"]: _row(r) for r in ray_rows.values()} == serial[0]  # to the last digit
@@ -213,6 +215,20 @@ def test_four_cells_two_at_a_time_on_two_nodes_give_serials_numbers_one_run_each
     # the data set was loaded once on each node, by its probe; every cell took its copy from there
     assert len(loads.read_text().split()) == 2
     assert not executor.node_data  # the copies left the object store with the run
+
+    # Ray's cost outside the cells, measured by the driver per cell, and said with --verbose
+    rows = {r["cell_id"]: float(r["duration_s"]) for r in ray_rows.values()}
+    assert set(executor.timings) == set(rows)
+    for cid, t in executor.timings.items():
+        # counted from when the cell could start, not its submission: two of the cells waited a cell's time for a slot
+        assert 0 <= t.to_start_s and 0 <= t.overhead_s < rows[cid]
+    over = sorted(t.overhead_s for t in executor.timings.values())
+    found = re.search(r"harness: ray: time outside the cells' own run, per cell: ([0-9.]+) s \(([0-9.]+)-([0-9.]+)\), "
+                      r"of which before the cell's start [0-9.]+ s \([0-9.]+-[0-9.]+\), over 4 cell\(s\); "
+                      r"the preflight \(probe, data sets, workers' start\) took ([0-9.]+) s", err)
+    assert found, err
+    assert [float(x) for x in found.groups()[:3]] == [round((over[1] + over[2]) / 2, 2), round(over[0], 2), round(over[3], 2)]
+    assert float(found.group(4)) == round(executor.preflight_s, 2) > 0
 
 
 def _slow_cell(tmp_path: Path, extra: str = "") -> Path:
@@ -445,7 +461,9 @@ def test_an_observer_that_stays_down_fails_its_cell_with_the_reason_and_the_othe
     could not be recorded (never dropping its metrics silently); the other cell is unaffected."""
     matrix = _matrix(tmp_path, "[execution]\ncpus_per_cell = 1\n[matrix]\nseed = [0, 1]\n", "down", epochs=2, delay=0.0)
     down, log = TrackingDown(), EventLog()
-    assert harness_run(matrix, tmp_path / "ray", "--executor", "ray", log=log, observers=[down]) == 1
+    assert harness_run(matrix, tmp_path / "ray", "--executor", "ray", "--jobs", "1", log=log, observers=[down]) == 1
+    order = [(n, c) for c, n, _ in log.events if n in ("on_cell_start", "on_cell_end")]
+    assert [n for n, _ in order] == ["on_cell_start", "on_cell_end"] * 2  # --jobs 1: one cell at a time, though two fit
     ends = {kw["result"].label: kw["result"] for _, n, kw in log.events if n == "on_cell_end"}
     assert ends["seed=1"].status == "finished" and ends["seed=1"].epochs_completed == 2
     failed = ends["seed=0"]

@@ -12,8 +12,6 @@ the epoch). A data-parallel cell's checkpoint holds every process's random state
 
 from __future__ import annotations
 
-import io
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from harness.atomic import atomic_write, write_text
 from harness.errors import HarnessError
 
 FORMAT = 1
@@ -77,16 +76,9 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> list[str
 
 def save(directory: Path, cell_id: str, state: dict[str, Any]) -> Path:
     """Write ``state`` (plus the format and the cell id) atomically; returns the file."""
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / FILE
-    tmp = directory / f".{FILE}.{os.getpid()}.tmp"
-    buf = io.BytesIO()
-    torch.save({"format": FORMAT, "cell_id": cell_id, **state}, buf)
-    with tmp.open("wb") as fh:
-        fh.write(buf.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as fh:
+        torch.save({"format": FORMAT, "cell_id": cell_id, **state}, fh)
     return path
 
 
@@ -124,9 +116,7 @@ def _sentence(text: str) -> str:
 
 def mark_told(directory: Path, epoch: int) -> None:
     """Note that the observers were told of ``epoch`` (the checkpoint's), after they were."""
-    tmp = directory / f".{TOLD}.{os.getpid()}.tmp"
-    tmp.write_text(str(epoch))
-    os.replace(tmp, directory / TOLD)
+    write_text(directory / TOLD, str(epoch))
 
 
 def told(directory: Path) -> int | None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -39,6 +38,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, PercentFormatter
+
+from harness.atomic import atomic_write
 
 __all__ = [
     "is_png",
@@ -319,18 +320,9 @@ def _new_figure(figsize: tuple[float, float], *, layout: str | None = None) -> F
 def _save(fig: Figure, path: str | Path) -> Path:
     """Writes ``fig`` as a PNG to ``path`` atomically and releases it; returns ``Path(path)``."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory as the target, so that os.replace is an atomic rename on one filesystem.
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
     try:
-        with open(tmp, "xb") as fh:  # "x": never clobber; respects the umask, unlike mkstemp
+        with atomic_write(target, "wb") as fh:
             fig.savefig(fh, format="png", dpi=_DPI, facecolor="white")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     finally:
         fig.clear()  # drop the artists now rather than at the next garbage collection
     return target

@@ -29,10 +29,11 @@ import os
 import platform
 import re
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from harness.atomic import atomic_write
 
 HARNESS_DISTRIBUTION = "snn-harness"
 KINDS = ("dataset", "model", "normalizer", "threshold", "trainer", "loss")
@@ -158,12 +159,9 @@ class FileHashes:
         if not self.fresh:
             return
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             merged = {**self._read(), **self.fresh}
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".data-checksums.")
-            with os.fdopen(fd, "w") as fh:
+            with atomic_write(self.path) as fh:
                 json.dump(merged, fh)
-            os.replace(tmp, self.path)
             self.fresh = {}
         except OSError:
             pass

@@ -31,8 +31,7 @@ from harness.build import (  # noqa: F401 - also the public names of this module
     scheduler_state,
     seed_everything,
 )
-from harness.config import CellConfig
-from harness.data import DatasetBundle, to_sequence, train_subset
+from harness.data import to_sequence, train_subset
 from harness.engine import DivergedError, DivergenceGuard, Engine, HeldHook, Meetings, ObserverError  # noqa: F401
 from harness.errors import HarnessError
 from harness.events import CellResult, checkpoint_done, error_message, interrupts_deferred

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import csv
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from harness.atomic import atomic_write, write_text
 
 LEAD = ["cell_id", "label", "status"]
 METRICS = [
@@ -77,17 +78,12 @@ def write_summary(out_dir: Path, rows: Sequence[dict[str, Any]], *, merge_existi
     if merge_existing:
         rows = merge(read_rows(csv_path), rows)
     cols = columns(rows)
-    tmp = csv_path.with_name(f".summary.csv.{os.getpid()}.tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_write(csv_path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({c: row.get(c, "") for c in cols})
-    os.replace(tmp, csv_path)
-    md = out_dir / "summary.md"
-    tmp = md.with_name(f".summary.md.{os.getpid()}.tmp")
-    tmp.write_text(markdown_document(rows, title))
-    os.replace(tmp, md)
+    write_text(out_dir / "summary.md", markdown_document(rows, title))
     return list(rows)
 
 

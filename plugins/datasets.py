@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import gzip
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch.utils.data import TensorDataset
 
 from harness import hookimpl
+from harness.atomic import atomic_write
 from harness.data import DatasetBundle
 from harness.errors import DatasetNotFoundError
 
@@ -102,17 +101,10 @@ def _copy_idx_files(src: Path, raw: Path) -> bool:
             return False
     raw.mkdir(parents=True, exist_ok=True)
     for name, path in sources.items():
-        # A file of its own per copy: cells that start at once (processes or threads) do not collide,
-        # and each rename puts a whole file in place.
-        fd, tmp_name = tempfile.mkstemp(dir=raw, prefix=f".{name}.", suffix=".partial")
-        tmp = Path(tmp_name)
+        # cells that start at once (processes or threads) each put a whole file in place
         opener = gzip.open if path.suffix == ".gz" else open
-        try:
-            with opener(path, "rb") as fin, os.fdopen(fd, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-            tmp.replace(raw / name)
-        finally:
-            tmp.unlink(missing_ok=True)
+        with opener(path, "rb") as fin, atomic_write(raw / name, "wb") as fout:
+            shutil.copyfileobj(fin, fout)
     return True
 
 

@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from harness import hookimpl
+from harness.atomic import atomic_write
 from harness.data import DatasetBundle
 from snn_harness_plugins.datasets import DatasetNotFoundError
 
@@ -170,12 +171,9 @@ class EventFrames(Dataset):
 
 def _save_frames(path: Path, frames: np.ndarray) -> None:
     """Write atomically (DataLoader workers may bin the same sample): counts as int16 where they fit."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     counts = frames.astype(np.int16 if frames.max(initial=0) <= np.iinfo(np.int16).max else np.int32)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb", sync=False) as f:  # a cache: a broken file is binned again (frames())
         np.savez_compressed(f, frames=counts)
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------------------------------------

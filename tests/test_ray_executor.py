@@ -537,7 +537,7 @@ def test_a_data_set_that_cannot_travel_is_left_to_its_cells_and_each_cell_gets_i
 
     import ray
     from harness.matrix import load_matrix
-    from harness.ray_executor import NodeData, _node_data, pack_data
+    from harness.ray_executor import _node_data, pack_data
     from harness.session import PreloadedData, check_data
 
     cells = load_matrix(tiny_matrix("[matrix]\ntime_steps = [2, 3]\n"), registry).cells

@@ -15,7 +15,12 @@ loader fails with :class:`DatasetNotFoundError` naming the layout and the source
 Frames are cached before augmentation (binning all events of a recording is slow), one
 compressed ``.npz`` per sample under ``<root>/<dataset>_frames_T<T>_<W>x<H>/``, mirroring the
 source files' paths; ``cache = false`` turns this off. Delete the folder to rebuild it (a cached
-file older than its source is rebuilt).
+file older than its source is rebuilt). This is not tonic's ``DiskCachedDataset``, which would
+otherwise do the job: that one keys its files by the sample's index (so a changed split or a
+reordered folder reads another sample's frames), cannot tell a stale file (its docs leave a
+changed transform to the user), writes in place (a killed worker leaves a torn file that the next
+reader must notice) and needs h5py; this cache keys by the source file, rebuilds what is older
+than its source and writes each file whole (:func:`harness.atomic.atomic_write`).
 
 Differences from the reference code (its CIFAR10-DVS loader builds frames with SpikingJelly,
 ``split_by='number'``), documented where they are made: frames are binned over equal *time*
@@ -44,6 +49,7 @@ from torch.utils.data import Dataset
 
 from harness import hookimpl
 from harness.atomic import atomic_write
+from snn_harness_plugins.augment import Cutout
 from harness.data import DatasetBundle
 from snn_harness_plugins.datasets import DatasetNotFoundError
 
@@ -243,13 +249,7 @@ class NDA:
         return F.rotate(x, angle, interpolation=InterpolationMode.NEAREST, fill=0.0)
 
     def cutout(self, x: Tensor, cy: int, cx: int) -> Tensor:
-        h, w = x.shape[-2:]
-        half = self.cutout_px // 2
-        y1, y2 = min(max(cy - half, 0), h), min(max(cy + half, 0), h)
-        x1, x2 = min(max(cx - half, 0), w), min(max(cx + half, 0), w)
-        out = x.clone()
-        out[..., y1:y2, x1:x2] = 0
-        return out
+        return Cutout(self.cutout_px).erase(x, cy, cx)  # the static sets' square, on every frame
 
 
 class RandomHorizontalFlip:

@@ -3,7 +3,9 @@
 Each is read with torchvision's own reader (``CIFAR10``/``CIFAR100`` on the python-pickle
 release, ``ImageFolder`` on the usual ILSVRC2012 folder tree) and carries the augmentation of the
 paper's official code (docs/method.md section 8; github.com/zhuyaoyu/SNN-online-normalization,
-``datasets/data.py``), except for the kind of Cutout (see :class:`Cutout`). Nothing is downloaded at import time, and nothing at all unless a matrix
+``datasets/data.py``); its Cutout is an option: the DeVries-Taylor square by default, or the
+official code's random-erasing variant (``cutout_kind``, see :mod:`snn_harness_plugins.augment`).
+Nothing is downloaded at import time, and nothing at all unless a matrix
 sets ``download = true`` for a CIFAR set; missing files fail with one
 :class:`~snn_harness_plugins.datasets.DatasetNotFoundError` naming the expected layout and how to
 get the data.
@@ -11,15 +13,16 @@ get the data.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from harness import hookimpl
 from harness.data import DatasetBundle
+from snn_harness_plugins.augment import Cutout, CutoutKind, cutout_transform
 from snn_harness_plugins.datasets import DatasetNotFoundError
+
+__all__ = ["Cutout", "cifar10", "cifar100", "cifar_transforms", "imagenet", "imagenet_transforms"]
 
 # The official code normalizes CIFAR-10 *and* CIFAR-100 with these values (kuangliu/pytorch-cifar's
 # CIFAR-10 statistics; the std is not the per-pixel std 0.247/0.243/0.261, but what the code uses).
@@ -33,80 +36,44 @@ IMAGENET_PAGE = "https://image-net.org/download.php"
 VALPREP_SCRIPT = "https://raw.githubusercontent.com/soumith/imagenetloader.torch/master/valprep.sh"
 
 
-class Cutout:
-    """Cutout (DeVries & Taylor 2017, arXiv:1708.04552) on a ``[C, H, W]`` tensor.
-
-    As in the authors' code (github.com/uoguelph-mlrg/Cutout, ``util/cutout.py``, one hole): the
-    centre ``(y, x)`` is a uniformly random pixel, the square spans rows ``y - length//2`` to
-    ``y + length//2`` (exclusive) and likewise columns, clipped at the borders, and is set to 0 in
-    every channel. So a hole near a border is smaller than ``length x length``, and an odd
-    ``length`` gives a side of ``length - 1``, as in the original. Applied after ``Normalize``, 0 is
-    the data set's mean colour. ``length = 0`` is the identity.
-
-    The centre is drawn from torch's global RNG (unlike the original's ``np.random``): a cell's
-    ``torch.manual_seed`` makes it reproducible, and DataLoader workers, which torch seeds from
-    that RNG, each draw different holes. ``generator`` overrides the RNG (tests).
-
-    Deviation: the paper's official code (``datasets/data.py``) uses torchtoolbox's ``Cutout()``
-    with its defaults instead -- applied with probability 0.5 to the PIL image right after
-    RandomCrop, a rectangle of 2-40% of the area with aspect ratio 0.4-2.5 filled with one random
-    grey level in [0, 255) -- a random-erasing variant. This class is the DeVries-Taylor square
-    (one hole of side 16, the setting of that paper for CIFAR-10) that this harness specifies.
-    """
-
-    def __init__(self, length: int, generator: torch.Generator | None = None) -> None:
-        if length < 0:
-            raise ValueError(f"cutout must be >= 0 (0 turns it off), got {length}")
-        self.length = length
-        self.generator = generator
-
-    def __call__(self, img: Tensor) -> Tensor:
-        if self.length == 0:
-            return img
-        h, w = img.shape[-2:]
-        y = int(torch.randint(h, (1,), generator=self.generator))
-        x = int(torch.randint(w, (1,), generator=self.generator))
-        half = self.length // 2
-        out = img.clone()
-        out[..., max(0, y - half) : min(h, y + half), max(0, x - half) : min(w, x + half)] = 0
-        return out
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(length={self.length})"
-
-
-def cifar_transforms(cutout: int = 16, normalize: bool = True) -> tuple[Any, Any]:
+def cifar_transforms(cutout: int = 16, normalize: bool = True, cutout_kind: str = "square") -> tuple[Any, Any]:
     """The (train, test) transforms of the CIFAR sets.
 
-    Train: RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize + Cutout;
-    test: ToTensor + Normalize. ``normalize = False`` leaves pixels in [0, 1].
+    Train: RandomCrop(32, padding=4) + RandomHorizontalFlip + ToTensor + Normalize + Cutout
+    (``cutout_kind``: ``"square"``, :class:`~snn_harness_plugins.augment.Cutout` of side
+    ``cutout``; ``"random_erasing"``, :func:`~snn_harness_plugins.augment.official_cutout`;
+    ``cutout = 0``: none); test: ToTensor + Normalize. ``normalize = False`` leaves pixels in [0, 1].
     """
     from torchvision import transforms as T
 
     norm = [T.Normalize(CIFAR_MEAN, CIFAR_STD)] if normalize else []
-    cut = [Cutout(cutout)] if cutout else []
+    cut = cutout_transform(cutout_kind, cutout)
     train = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), *norm, *cut])
     test = T.Compose([T.ToTensor(), *norm])
     return train, test
 
 
-def cifar10(root: str = "data", download: bool = False, cutout: int = 16, normalize: bool = True) -> DatasetBundle:
+def cifar10(root: str = "data", download: bool = False, cutout: int = 16, normalize: bool = True,
+            cutout_kind: CutoutKind = "square") -> DatasetBundle:
     """CIFAR-10 (50k/10k 32x32 colour images, 10 classes), read with torchvision's ``CIFAR10``.
 
     Expects the python release under ``<root>/cifar-10-batches-py/``. ``download = true`` lets
     torchvision fetch and extract it (off by default). Paper settings (Table 3): VGGSNN or
     ResNet-19, T = 4, 300 epochs, batch 128, SGD lr 0.1, weight decay 5e-4, eps_mse 0.05.
     Augmentation as the official code: RandomCrop(32, padding 4) + horizontal flip + Normalize with
-    mean (0.4914, 0.4822, 0.4465) and std (0.2023, 0.1994, 0.2010); then Cutout of side
-    ``cutout`` (0 turns it off; see :class:`Cutout` for how it differs from the official code's).
+    mean (0.4914, 0.4822, 0.4465) and std (0.2023, 0.1994, 0.2010); then Cutout: with
+    ``cutout_kind = "square"`` (the default) the DeVries-Taylor square of side ``cutout``, with
+    ``"random_erasing"`` the official code's own variant (p = 0.5, a rectangle of 2-40% of the
+    image; ``cutout`` then only turns it on). ``cutout = 0`` turns either off.
     torchvision checks the md5 of every file before loading.
     """
     from torchvision.datasets import CIFAR10
 
-    return _cifar(CIFAR10, "CIFAR-10", "cifar10", 10, root, download, cutout, normalize)
+    return _cifar(CIFAR10, "CIFAR-10", "cifar10", 10, root, download, cutout, normalize, cutout_kind)
 
 
-def cifar100(root: str = "data", download: bool = False, cutout: int = 16, normalize: bool = True) -> DatasetBundle:
+def cifar100(root: str = "data", download: bool = False, cutout: int = 16, normalize: bool = True,
+             cutout_kind: CutoutKind = "square") -> DatasetBundle:
     """CIFAR-100 (50k/10k 32x32 colour images, 100 fine classes), read with torchvision's ``CIFAR100``.
 
     Expects the python release under ``<root>/cifar-100-python/``. ``download = true`` lets
@@ -116,17 +83,18 @@ def cifar100(root: str = "data", download: bool = False, cutout: int = 16, norma
     """
     from torchvision.datasets import CIFAR100
 
-    return _cifar(CIFAR100, "CIFAR-100", "cifar100", 100, root, download, cutout, normalize)
+    return _cifar(CIFAR100, "CIFAR-100", "cifar100", 100, root, download, cutout, normalize, cutout_kind)
 
 
 def _cifar(
-    cls: Any, title: str, name: str, num_classes: int, root: str, download: bool, cutout: int, normalize: bool
+    cls: Any, title: str, name: str, num_classes: int, root: str, download: bool, cutout: int, normalize: bool,
+    cutout_kind: str = "square",
 ) -> DatasetBundle:
     # torchvision's reader is used unchanged, md5 check included: a truncated or foreign file fails
     # here, not as a pickle error or silently wrong labels mid-run. torchvision hashes all ~180 MB
     # once per split: about a second per load. (The tests write tiny files and stub torchvision's
     # check_integrity instead.)
-    train_tf, test_tf = cifar_transforms(cutout, normalize)
+    train_tf, test_tf = cifar_transforms(cutout, normalize, cutout_kind)
     if _cifar_missing_files(cls, root) and not download:
         raise DatasetNotFoundError(_cifar_problem(cls, title, name, root, download, None))
     try:
@@ -178,6 +146,34 @@ def _cifar_problem(cls: Any, title: str, name: str, root: str, download: bool, e
     )
 
 
+def imagenet_transforms(image_size: int = 224, resize: int = 256) -> tuple[Any, Any]:
+    """The (train, test) transforms of ImageNet, from timm's ``create_transform``, set to the
+    official code's: train RandomResizedCrop(``image_size``, scale 0.08-1, ratio 3/4-4/3,
+    bilinear) + horizontal flip (p = 0.5), no colour jitter (timm's default 0.4 is turned off);
+    test Resize(``resize``, the shorter side) + CenterCrop(``image_size``); both normalized with
+    ImageNet's mean and std. timm's crop draws its box from Python's ``random`` (torchvision's
+    from torch's): a cell seeds both, DataLoader workers seed both.
+    """
+    from timm.data import create_transform
+
+    common = {"interpolation": "bilinear", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    train = create_transform(image_size, is_training=True, hflip=0.5, vflip=0.0, color_jitter=None, **common)
+    test = create_transform(image_size, is_training=False, crop_pct=crop_fraction(image_size, resize), **common)
+    return train, test
+
+
+def crop_fraction(image_size: int, resize: int) -> float:
+    """timm's ``crop_pct`` for a test Resize of ``resize``: timm resizes to
+    ``floor(image_size / crop_pct)``, which ``image_size / resize`` can miss by one in floating
+    point (e.g. 16 / (16 / 93) = 92.99...); one step down of the fraction puts it back."""
+    if not 0 < image_size <= resize:
+        raise ValueError(f"imagenet: resize ({resize}) must be at least image_size ({image_size}), both positive")
+    fraction = image_size / resize
+    if math.floor(image_size / fraction) < resize:
+        fraction = math.nextafter(fraction, 0.0)
+    return fraction
+
+
 def imagenet(root: str = "data/imagenet", image_size: int = 224, resize: int = 256) -> DatasetBundle:
     """ImageNet ILSVRC2012 (1.28M/50k images, 1000 classes) as two ``ImageFolder`` trees.
 
@@ -187,14 +183,11 @@ def imagenet(root: str = "data/imagenet", image_size: int = 224, resize: int = 2
     T = 4, 100 epochs, batch 256, SGD lr 0.1, weight decay 2e-5, eps_mse 0.05. Augmentation as the
     official code: train RandomResizedCrop(``image_size``) + horizontal flip; test
     Resize(``resize``) + CenterCrop(``image_size``); both normalized with ImageNet's mean
-    (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225).
+    (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225). Built by timm (:func:`imagenet_transforms`).
     """
-    from torchvision import transforms as T
     from torchvision.datasets import ImageFolder
 
-    norm = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), norm])
-    test_tf = T.Compose([T.Resize(resize), T.CenterCrop(image_size), T.ToTensor(), norm])
+    train_tf, test_tf = imagenet_transforms(image_size, resize)
     base = Path(root)
     absent = [str(base / split) for split in ("train", "val") if not (base / split).is_dir()]
     if absent:

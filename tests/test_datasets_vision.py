@@ -182,6 +182,47 @@ def test_cifar_train_pipeline_is_crop_flip_normalize_then_a_zeroed_cutout_square
         assert len(rows) <= 16 and len(cols) <= 16 and hole.sum() == len(rows) * len(cols)
 
 
+def test_cifar_random_erasing_is_the_official_codes_cutout_on_timm(tmp_path, registry, no_md5):
+    """``cutout_kind = "random_erasing"``: after the same crop and flip, half of the samples get one
+    rectangle of 2-40% of the image, aspect ratio 0.4-2.5, filled with one colour per channel."""
+    import random
+
+    from timm.data.random_erasing import RandomErasing
+
+    _fake_cifar10(tmp_path)
+    erasing = registry.datasets["cifar10"](root=str(tmp_path), cutout_kind="random_erasing").train
+    without = registry.datasets["cifar10"](root=str(tmp_path), cutout=0).train
+    (step,) = [t for t in erasing.transform.transforms if isinstance(t, RandomErasing)]
+    assert erasing.transform.transforms[-1] is step  # last, on the normalized tensor
+    assert (step.probability, step.min_area, step.max_area, step.mode, step.max_count) == (0.5, 0.02, 0.4, "rand", 1)
+    assert step.log_aspect_ratio == pytest.approx((np.log(0.4), np.log(2.5)))
+    erased = 0
+    for seed in range(60):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        ref = without[seed % 4][0]
+        random.seed(seed)
+        torch.manual_seed(seed)
+        out = erasing[seed % 4][0]
+        changed = (out != ref).any(0)
+        if not changed.any():
+            continue
+        erased += 1
+        rows, cols = changed.any(1).nonzero().squeeze(1), changed.any(0).nonzero().squeeze(1)
+        h, w = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        box = out[:, rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        assert torch.equal(box, box[:, :1, :1].expand_as(box))  # one colour per channel, the whole rectangle
+        assert torch.equal(out[:, ~changed], ref[:, ~changed])  # nothing else changes
+        assert 0.02 * 1024 * 0.6 <= h * w <= 0.4 * 1024 * 1.2 and 0.4 / 1.5 <= h / w <= 2.5 * 1.5  # rounding
+    assert 15 <= erased <= 45  # p = 0.5 (60 draws)
+    random.seed(3)
+    torch.manual_seed(3)
+    a = erasing[0][0]
+    random.seed(3)
+    torch.manual_seed(3)
+    assert torch.equal(erasing[0][0], a)  # the cell's seeds reproduce it
+
+
 def test_cifar100_loads_fine_labels_with_cifar10_normalization(tmp_path, registry, no_md5):
     train_x, train_y, test_x, test_y = _fake_cifar100(tmp_path)
     bundle = registry.datasets["cifar100"](root=str(tmp_path))
@@ -365,6 +406,44 @@ def test_imagenet_loads_an_imagefolder_tree(tmp_path, registry):
     assert a.shape == (3, 224, 224) and not torch.equal(a, b)
 
 
+def test_imagenet_training_transform_is_timms_crop_and_flip_without_colour_jitter(tmp_path):
+    """timm's pipeline, set to the official code's: a RandomResizedCrop box of scale 0.08-1 and
+    ratio 3/4-4/3 (drawn with Python's random), bilinear, a flip (torch's RNG), nothing else."""
+    import random
+
+    from PIL import Image
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    paths = _fake_imagenet(tmp_path, per_class=1)
+    train, _ = vision.imagenet_transforms(64, 73)
+    with Image.open(paths["train"][0]) as img:
+        img = img.convert("RGB")
+        for seed in range(6):
+            random.seed(seed)
+            torch.manual_seed(seed)
+            out = train(img)
+            random.seed(seed)
+            torch.manual_seed(seed)
+            i, j, h, w = RandomResizedCropAndInterpolation.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+            ref = F.resized_crop(img, i, j, h, w, [64, 64], InterpolationMode.BILINEAR)
+            if float(torch.rand(1)) < 0.5:
+                ref = F.hflip(ref)
+            ref = F.normalize(F.to_tensor(ref), IMAGENET_MEAN, IMAGENET_STD)
+            assert torch.equal(out, ref)
+
+
+def test_the_test_resize_is_exactly_the_option_for_every_size():
+    import math
+
+    for size in range(16, 400):
+        for resize in range(size, size + 120):
+            assert math.floor(size / vision.crop_fraction(size, resize)) == resize
+    with pytest.raises(ValueError, match=r"resize \(200\) must be at least image_size \(224\)"):
+        vision.crop_fraction(224, 200)
+
+
 def test_imagenet_sizes_are_options(tmp_path):
     _fake_imagenet(tmp_path, per_class=1)
     bundle = vision.imagenet(root=str(tmp_path), image_size=64, resize=73)
@@ -419,11 +498,14 @@ def test_cifar_options_are_visible_to_the_matrix(registry):
     matrix = expand(_matrix({"cutout": 8}), registry, source="vision.toml")
     (cell,) = matrix.cells
     assert cell.config.dataset.name == "cifar10"
-    assert cell.config.dataset.options == {"root": "data", "download": False, "cutout": 8, "normalize": True}
+    assert cell.config.dataset.options == {"root": "data", "download": False, "cutout": 8, "normalize": True,
+                                           "cutout_kind": "square"}
     with pytest.raises(ConfigError, match=r"unknown option 'cutuot' of dataset 'cifar10' \(did you mean 'cutout'\?\)"):
         expand(_matrix({"cutuot": 8}), registry, source="vision.toml")
     with pytest.raises(ConfigError, match=r"option 'cutout' of dataset 'cifar10'"):
         expand(_matrix({"cutout": "big"}), registry, source="vision.toml")
+    with pytest.raises(ConfigError, match=r"option 'cutout_kind' of dataset 'cifar10'.*'square'.*'random_erasing'"):
+        expand(_matrix({"cutout_kind": "devries"}), registry, source="vision.toml")
     for name in ("cifar10", "cifar100", "imagenet"):  # every default is TOML-expressible
         for opt in registry.info("dataset", name).options.values():
             assert isinstance(opt.default, (str, int, float, bool, list)), (name, opt)

@@ -76,10 +76,15 @@ class _StepStatisticsNorm(SequenceModule):
     def end_sequence(self) -> None:
         if self.training and self._sum_mean is not None:
             with torch.no_grad():  # Alg. 2, step 3, at t = T
-                self.running_mean.lerp_(self._sum_mean, self.momentum)
-                self.running_var.lerp_(self._sequence_var(self._sum_mean, self._sum_second), self.momentum)
+                momentum = self._momentum()
+                self.running_mean.lerp_(self._sum_mean, momentum)
+                self.running_var.lerp_(self._sequence_var(self._sum_mean, self._sum_second), momentum)
                 self.num_batches_tracked += 1
         self._sum_mean = self._sum_second = None
+
+    def _momentum(self) -> float | Tensor:
+        """The momentum of this update of the running statistics."""
+        return self.momentum
 
     def _accumulate(self, mean: Tensor, var: Tensor) -> None:
         # mean/var keep singleton dims; per-step stats are [C] (one step) or [T, C] (sequence).
@@ -98,13 +103,14 @@ class VanillaBatchNorm(_StepStatisticsNorm):
     with the batch mean and biased variance of that step only (per channel, over batch and
     space). Running statistics: ``M = sum_t mu[t] / T``, ``V = sum_t var[t] / T``, applied once per
     sequence at ``t = T``: ``run += momentum * (new - run)`` (PyTorch's momentum 0.1 is the
-    paper's 0.9). Inference uses the running statistics.
+    paper's 0.9). Inference uses the running statistics. eps = 1e-4, the official code's value for
+    both of its BN modes (PyTorch's 1e-5 before).
 
     Works on ``[B, C]`` (after a linear synapse) and ``[B, C, ...]`` (after a conv), one step at a
     time or on the whole sequence ``[T, B, C, ...]`` (same numbers either way).
     """
 
-    def __init__(self, num_features: int, eps: Eps = 1e-5, momentum: Momentum = 0.1, affine: bool = True) -> None:
+    def __init__(self, num_features: int, eps: Eps = 1e-4, momentum: Momentum = 0.1, affine: bool = True) -> None:
         super().__init__(num_features, eps, momentum, affine)
 
     def extra_repr(self) -> str:
@@ -162,6 +168,18 @@ class OnlineSpikingRenormalization(_StepStatisticsNorm):
     * ``gamma_grad = "official"``: the official CUDA path's gamma gradient, which omits the factor
       ``sqrt(var[t]+eps)/sqrt(run_var+eps)`` on its first term; ``"paper"`` (autograd of Alg. 1).
 
+    Deviations from the paper, off by default (the paper's running statistics have momentum 0.9,
+    PyTorch's 0.1). Since OSR's training forward has the running statistics' value (Eq. 8), they
+    lag the batch statistics early in training, while the network changes fast, and slow it down:
+
+    * ``momentum``: another PyTorch-style momentum for the whole run (e.g. 0.5);
+    * ``momentum_warmup_batches = N > 0``: the momentum of the k-th update (k = 0, 1, ...; the
+      layer's ``num_batches_tracked``, kept in checkpoints) is
+      ``momentum_start + (momentum - momentum_start) * min(k, N) / N``: from ``momentum_start``
+      (0.5) at the first training batch linearly to ``momentum`` at batch N, and ``momentum``
+      from then on (the paper's value by default). Counted in the layer's own updates (the
+      batches it trained on, not epochs: a normalizer does not see epochs).
+
     Running buffers start at mean 0, variance 1 (official code); eps = 1e-4 (official code).
     Under DDP, ``mu[t]`` and ``var[t]`` are those of the union batch (the official code
     synchronizes them too): the all-time statistics, the fallback decision and its count are the
@@ -177,8 +195,15 @@ class OnlineSpikingRenormalization(_StepStatisticsNorm):
         mode: Literal["renorm", "linear"] = "renorm",
         gamma_grad: Literal["paper", "official"] = "paper",
         affine: bool = True,
+        momentum_warmup_batches: Annotated[int, Range(0)] = 0,
+        momentum_start: Momentum = 0.5,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine)
+        if momentum_warmup_batches < 0:
+            raise ValueError(f"momentum_warmup_batches must be >= 0, got {momentum_warmup_batches}")
+        if not 0.0 < momentum_start <= 1.0:
+            raise ValueError(f"momentum_start must be in (0, 1], got {momentum_start}")
+        self.momentum_warmup_batches, self.momentum_start = int(momentum_warmup_batches), float(momentum_start)
         if fallback_ratio != "none" and not (isinstance(fallback_ratio, (int, float)) and fallback_ratio > 1.0):
             raise ValueError(f"fallback_ratio must be a number > 1 or 'none', got {fallback_ratio!r}")
         if mode not in ("renorm", "linear"):
@@ -191,10 +216,21 @@ class OnlineSpikingRenormalization(_StepStatisticsNorm):
         self._steps = 0
 
     def extra_repr(self) -> str:
+        warmup = (f", momentum_warmup_batches={self.momentum_warmup_batches}, momentum_start={self.momentum_start}"
+                  if self.momentum_warmup_batches else "")
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, fallback_ratio={self.fallback_ratio}, "
-            f"mode={self.mode!r}, gamma_grad={self.gamma_grad!r}"
+            f"mode={self.mode!r}, gamma_grad={self.gamma_grad!r}{warmup}"
         )
+
+    def _momentum(self) -> float | Tensor:
+        """``momentum``, or during the warm-up its linear ramp from ``momentum_start``, as a tensor
+        on the buffers' device (computed there from ``num_batches_tracked``: no host sync)."""
+        n = self.momentum_warmup_batches
+        if not n:
+            return self.momentum
+        done = self.num_batches_tracked.clamp(max=n).to(self.running_mean.dtype) / n
+        return self.momentum_start + (self.momentum - self.momentum_start) * done
 
     # -- all-time statistics (Eqs. 14-15, Alg. 2) -----------------------------------------------
     def _second_moment(self, mean: Tensor, var: Tensor) -> Tensor:

@@ -182,3 +182,67 @@ def test_bad_options_are_rejected():
         OSR(4, fallback_ratio=0.5)
     with pytest.raises(ValueError, match="mode must be 'renorm' or 'linear'"):
         OSR(4, mode="batch")
+
+
+# -- the running-statistics momentum warm-up (a deviation from the paper, off by default) -------
+
+
+def _train(n, batches):
+    for x in batches:
+        run_sequence(n, x, "sequence")
+
+
+def test_the_momentum_warm_up_ramps_from_its_start_to_the_papers_value_then_stays():
+    """Update k (0-based) of N = 4: momentum 0.5 + (0.1 - 0.5) * min(k, 4) / 4, i.e. 0.5, 0.4,
+    0.3, 0.2, then 0.1 (the paper's) for every later one."""
+    batches = [_inputs(seed=s) for s in range(7)]
+    n = _osr(momentum_warmup_batches=4)
+    run_mean, run_var = RUN_MEAN.clone(), RUN_VAR.clone()
+    for k, x in enumerate(batches):
+        run_sequence(n, x, "sequence")
+        m = [0.5, 0.4, 0.3, 0.2][k] if k < 4 else 0.1
+        stacked = x.transpose(0, 2).reshape(C, -1)
+        run_mean = (1 - m) * run_mean + m * stacked.mean(1)
+        run_var = (1 - m) * run_var + m * stacked.var(1, unbiased=False)
+        torch.testing.assert_close(n.running_mean, run_mean, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(n.running_var, run_var, atol=1e-5, rtol=1e-5)
+    assert n.num_batches_tracked.item() == 7
+    paper = _osr()  # off by default: the paper's 0.1 from the first batch, bit for bit as before
+    assert paper.momentum_warmup_batches == 0 and paper._momentum() == 0.1
+    _train(paper, batches[:1])
+    stacked = batches[0].transpose(0, 2).reshape(C, -1)
+    torch.testing.assert_close(paper.running_mean, 0.9 * RUN_MEAN + 0.1 * stacked.mean(1), atol=1e-6, rtol=1e-6)
+
+
+def test_a_warm_up_interrupted_by_a_checkpoint_continues_where_it_was():
+    batches = [_inputs(seed=s) for s in range(5)]
+    whole = _osr(momentum_warmup_batches=3, momentum_start=0.7, momentum=0.2)
+    _train(whole, batches)
+    first = _osr(momentum_warmup_batches=3, momentum_start=0.7, momentum=0.2)
+    _train(first, batches[:2])
+    resumed = OSR(C, fallback_ratio="none", momentum_warmup_batches=3, momentum_start=0.7, momentum=0.2)
+    resumed.load_state_dict(first.state_dict())  # num_batches_tracked travels with the buffers
+    _train(resumed, batches[2:])
+    assert torch.equal(resumed.running_mean, whole.running_mean) and torch.equal(resumed.running_var, whole.running_var)
+    assert "momentum_warmup_batches=3, momentum_start=0.7" in repr(whole)
+
+
+def test_the_warm_up_options_are_checked_where_the_matrix_is_read():
+    from harness import ConfigError, get_registry
+    from harness.matrix import expand
+
+    def matrix(opts):
+        return {"defaults": {"dataset": "digits", "model": "vgg_small", "normalizer": "osr", "trainer": "online",
+                             "epochs": 1, "batch_size": 8, "time_steps": 2},
+                "options": {"normalizer": {"osr": opts}}}
+
+    registry = get_registry()
+    (cell,) = expand(matrix({"momentum_warmup_batches": 200}), registry, source="m.toml").cells
+    assert cell.config.normalizer.options["momentum_warmup_batches"] == 200
+    assert cell.config.normalizer.options["momentum_start"] == 0.5
+    with pytest.raises(ConfigError, match=r"option 'momentum_warmup_batches' of normalizer 'osr'.*at least 0"):
+        expand(matrix({"momentum_warmup_batches": -1}), registry, source="m.toml")
+    with pytest.raises(ConfigError, match=r"option 'momentum_start' of normalizer 'osr'.*in \(0, 1\]"):
+        expand(matrix({"momentum_start": 0.0}), registry, source="m.toml")
+    with pytest.raises(ValueError, match=r"momentum_start must be in \(0, 1\]"):
+        OSR(4, momentum_start=1.5)

@@ -148,6 +148,18 @@ def test_vanilla_bn_training_uses_each_steps_own_statistics(shape):
     vars_ = torch.stack([x[t].var(dim=dims, unbiased=False) for t in range(shape[0])]).mean(0)
     assert torch.allclose(bn.running_mean, 0.1 * means, atol=1e-6)
     assert torch.allclose(bn.running_var, 0.9 + 0.1 * vars_, atol=1e-6)
+
+
+def test_vanilla_bn_eps_is_the_official_codes_1e_4():
+    """A channel whose variance is of the order of eps tells 1e-4 from PyTorch's 1e-5."""
+    bn = VanillaBatchNorm(2)
+    assert bn.eps == 1e-4
+    x = torch.randn(2, 16, 2) * torch.tensor([1e-2, 1.0])  # [T, B, C]: channel 0 has variance ~1e-4
+    y = run_sequence(bn, x, "sequence")
+    for t in range(2):
+        mean, var = x[t].mean(0), x[t].var(0, unbiased=False)
+        torch.testing.assert_close(y[t], (x[t] - mean) / torch.sqrt(var + 1e-4), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(y[t][:, 0], ((x[t] - mean) / torch.sqrt(var + 1e-5))[:, 0], atol=1e-2)
     assert bn.num_batches_tracked.item() == 1
 
 

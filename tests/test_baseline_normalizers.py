@@ -125,7 +125,7 @@ def test_vanilla_bn_differs_from_spikingjelly_single_step_bn_only_in_running_sta
     """Ours (the paper's Appendix C) updates running statistics once per sequence with the step
     average of the biased variances; SpikingJelly's single-step BatchNorm2d updates at every step
     (unbiased). Training outputs are the same: each step normalized with its own statistics."""
-    ours, ref = VanillaBatchNorm(C), sj_layer.BatchNorm2d(C)
+    ours, ref = VanillaBatchNorm(C), sj_layer.BatchNorm2d(C, eps=1e-4)  # the official code's eps, ours
     x = torch.randn(T, B, C, 5, 5) * 2 + 0.5
     y = run_sequence(ours, x, "single")
     y_ref = torch.stack([ref(x[t]) for t in range(T)])

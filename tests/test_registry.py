@@ -45,7 +45,7 @@ def test_options_are_read_from_the_factory_signature(registry):
     momentum = info.options["momentum"].annotation
     assert typing.get_args(momentum)[0] is float and typing.get_args(momentum)[1].describe() == "in (0, 1]"  # Annotated
     assert info.options["momentum"].describe() == "momentum: float (in (0, 1]) = 0.1"
-    assert info.defaults() == {"eps": 1e-5, "momentum": 0.1, "affine": True}
+    assert info.defaults() == {"eps": 1e-4, "momentum": 0.1, "affine": True}
     assert registry.trainers.info("bptt").step_modes == frozenset({"sequence"})
 
 

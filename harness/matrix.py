@@ -32,6 +32,10 @@ Schema (every key is checked; errors name the file, the section, the key and wha
     normalizer = "osr"
     seed = 2
 
+    [[override]]                    # other values for the cells matching `where` (as [[exclude]] matches)
+    where = { normalizer = "osr", threshold = "fixed" }
+    "optimizer.weight_decay" = 2e-4 # keys as the axes name them; not an axis of [matrix]
+
     [options.normalizer.osr]        # options of one plugin, checked against its factory's signature
     momentum = 0.1
 
@@ -77,7 +81,7 @@ from harness.config import (
 )
 from harness.errors import ConfigError, IncompatibleCellError, UnknownNameError, close_matches
 
-TOP_KEYS = ("name", "description", "defaults", "matrix", "exclude", "options", "tracking", "execution")
+TOP_KEYS = ("name", "description", "defaults", "matrix", "exclude", "override", "options", "tracking", "execution")
 NESTED = {f.name: f.type for f in dataclasses.fields(CellConfig) if f.name in ("optimizer", "lr_schedule", "neuron")}
 _HINTS = typing.get_type_hints(CellConfig, include_extras=True)
 _DEFAULT_COMPONENTS = {"threshold": "fixed", "loss": "tet"}
@@ -287,6 +291,7 @@ def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequenc
             raise ConfigError(f"{source}: [defaults] key 'seeds' must be a non-empty list of integers, got {seeds!r}")
         axes = {"seed": seeds, **axes}
     excludes = _read_excludes(data.get("exclude", []), source)
+    overrides_rules = _read_overrides(data.get("override", []), source, axes)
     options = _read_options(data.get("options", {}), catalog, source)
     for key, values in axes.items():  # an option axis names a real plugin and option, with good values
         if key.startswith("options."):
@@ -311,25 +316,28 @@ def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequenc
     seen: dict[str, Cell] = {}
     excluded = filtered = 0
     rule_hits = [0] * len(excludes)
+    override_hits = [0] * len(overrides_rules)
     for index, combo in enumerate(itertools.product(*axes.values()) if axes else [()]):
         overrides = dict(zip(axes, combo))
         raw, raw_options = copy.deepcopy(defaults), copy.deepcopy(options)
-        for key, value in overrides.items():
-            if key.startswith("options."):
-                _, kind, plugin, opt = key.split(".", 3)
-                raw_options.setdefault(kind, {}).setdefault(plugin, {})[opt] = value
-            elif "." in key:
-                head, sub = key.split(".", 1)
-                if not isinstance(raw.setdefault(head, {}), dict):
-                    raise ConfigError(
-                        f"{source}: [defaults] key {head!r} must be a table ([defaults.{head}]) "
-                        f"for the axis {key!r}, got {raw[head]!r}"
-                    )
-                raw[head][sub] = value
-            else:
-                raw[key] = value
+        _set_values(raw, raw_options, overrides, source, "axis")
         config = _resolve(raw, raw_options, catalog, source, set(axes))
         flat = flatten(config)
+        matching = [i for i, rule in enumerate(overrides_rules) if all(_matches(flat, k, v) for k, v in rule.where.items())]
+        if matching:  # matched on the cell as the axes make it; then its values are replaced
+            setters: dict[str, int] = {}
+            for i in matching:
+                override_hits[i] += 1
+                for key in overrides_rules[i].values:
+                    if key in setters:
+                        raise ConfigError(
+                            f"{source}: [[override]] number {setters[key] + 1} and number {i + 1} both set {key!r} "
+                            f"for the cell with {_combo_text(overrides)}: make their `where` exclusive")
+                    setters[key] = i
+                _set_values(raw, raw_options, overrides_rules[i].values, source, f"[[override]] number {i + 1} key")
+            sections = {key: f"[[override]] number {i + 1}" for key, i in setters.items()}
+            config = _resolve(raw, raw_options, catalog, source, set(axes), sections)
+            flat = flatten(config)
         hits = [all(_matches(flat, k, v) for k, v in rule.items()) for rule in excludes]
         for i, hit in enumerate(hits):
             rule_hits[i] += hit
@@ -350,6 +358,10 @@ def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequenc
     for i, hits in enumerate(rule_hits, 1):
         if not hits:  # a typo in a rule would otherwise train the cells it meant to drop
             raise ConfigError(f"{source}: [[exclude]] number {i} ({_rule_text(excludes[i - 1])}) matches no cell of the matrix")
+    for i, hits in enumerate(override_hits, 1):
+        if not hits and not filters:  # (with --only, the cells it is for may just not be selected)
+            raise ConfigError(f"{source}: [[override]] number {i} (where {_rule_text(overrides_rules[i - 1].where)}) "
+                              "matches no cell of the matrix")
     matrix = Matrix(
         name=name,
         path=source,
@@ -428,20 +440,92 @@ def _read_axes(table: Any, source: str) -> dict[str, list[Any]]:
     return axes
 
 
-def _read_excludes(rules: Any, source: str) -> list[dict[str, list[Any]]]:
+def _read_excludes(rules: Any, source: str, what: str = "") -> list[dict[str, list[Any]]]:
     if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
         raise ConfigError(f"{source}: [[exclude]] must be an array of tables, got {rules!r}")
     out = []
     for i, rule in enumerate(rules, 1):
+        section = what or f"[[exclude]] number {i}"
         if not rule:
-            raise ConfigError(f"{source}: [[exclude]] number {i} is empty (it would exclude every cell)")
+            raise ConfigError(f"{source}: {section} is empty (it would exclude every cell)")
         for key in rule:
             if key in NESTED or not _axis_path_ok(key) and key.split(".")[0] not in COMPONENT_KINDS:
                 raise ConfigError(
-                    f"{source}: unknown key {key!r} in [[exclude]] number {i}; a key is one of: {_axis_paths_hint()}"
+                    f"{source}: unknown key {key!r} in {section}; a key is one of: {_axis_paths_hint()}"
                 )
         out.append({k: v if isinstance(v, list) else [v] for k, v in rule.items()})
     return out
+
+
+@dataclass(frozen=True)
+class _Override:
+    where: dict[str, list[Any]]  # as an [[exclude]] rule
+    values: dict[str, Any]  # axis path -> value
+
+
+def _read_overrides(rules: Any, source: str, axes: dict[str, list[Any]]) -> list[_Override]:
+    """``[[override]]`` tables: ``where`` (an inline table matched as ``[[exclude]]`` matches) and
+    the values to set, keyed as the axes are (``"optimizer.weight_decay"``, or nested tables)."""
+    if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+        raise ConfigError(f"{source}: [[override]] must be an array of tables, got {rules!r}")
+    out = []
+    for i, rule in enumerate(rules, 1):
+        section = f"[[override]] number {i}"
+        rule = dict(rule)
+        where = rule.pop("where", None)
+        if not isinstance(where, dict) or not where:
+            raise ConfigError(f"{source}: {section} needs `where`, an inline table of what the cells to change match "
+                              '(e.g. where = { normalizer = "osr", threshold = "fixed" })')
+        (matched,) = _read_excludes([where], source, what=f"{section} `where`")
+        if not rule:
+            raise ConfigError(f"{source}: {section} sets nothing: add the keys to set, named as the axes are")
+        values: dict[str, Any] = {}
+        for key, value in _flat_keys(rule):
+            if not _axis_path_ok(key) or key == "seed":
+                hint = close_matches(key, _axis_paths_hint().split(", "))
+                raise ConfigError(
+                    f"{source}: unknown key {key!r} in {section}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + f"; a key is one of: {_axis_paths_hint()} (not seed)")
+            if key in axes:
+                raise ConfigError(f"{source}: {section} sets {key!r}, an axis of [matrix]: an override cannot replace "
+                                  "an axis's values (it would make cells the axis already has); exclude cells instead")
+            values[key] = value
+        out.append(_Override(matched, values))
+    return out
+
+
+def _flat_keys(table: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    """``{"optimizer": {"weight_decay": 2e-4}}`` (TOML's reading of a dotted key) as
+    ``("optimizer.weight_decay", 2e-4)``; a quoted dotted key is already flat. (A table is never
+    a value here: ``optimizer = {...}`` sets its keys, it does not replace [defaults.optimizer].)"""
+    for key, value in table.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _flat_keys(value, path + ".")
+        else:
+            yield path, value
+
+
+def _set_values(raw: dict[str, Any], raw_options: dict[str, Any], values: dict[str, Any], source: str, what: str) -> None:
+    """Put axis-path values into a cell's raw ``[defaults]`` and ``[options]`` before resolution."""
+    for key, value in values.items():
+        if key.startswith("options."):
+            _, kind, plugin, opt = key.split(".", 3)
+            raw_options.setdefault(kind, {}).setdefault(plugin, {})[opt] = value
+        elif "." in key:
+            head, sub = key.split(".", 1)
+            if not isinstance(raw.setdefault(head, {}), dict):
+                raise ConfigError(
+                    f"{source}: [defaults] key {head!r} must be a table ([defaults.{head}]) "
+                    f"for the {what} {key!r}, got {raw[head]!r}"
+                )
+            raw[head][sub] = value
+        else:
+            raw[key] = value
+
+
+def _combo_text(combo: dict[str, Any]) -> str:
+    return ", ".join(f"{k} = {v!r}" for k, v in combo.items()) or "the defaults"
 
 
 def _rule_text(rule: dict[str, list[Any]]) -> str:
@@ -485,9 +569,16 @@ def _check_option(info: Any, key: str, value: Any, where: str) -> Any:
 
 
 def _resolve(
-    raw: dict[str, Any], options: dict[str, Any], catalog: Catalog, source: str, axes: set[str]
+    raw: dict[str, Any], options: dict[str, Any], catalog: Catalog, source: str, axes: set[str],
+    sections: dict[str, str] | None = None,
 ) -> CellConfig:
+    """``sections``: keys set by an ``[[override]]`` -> its name, for the error messages."""
+    sections = sections or {}
+
     def where(key: str) -> str:
+        for k, section in sections.items():
+            if k == key or k.startswith(key + "."):
+                return f"{source} {section}"
         from_axis = any(a == key or a.startswith(key + ".") for a in axes)
         return f"{source} [{'matrix' if from_axis else 'defaults'}]"
 
@@ -505,10 +596,11 @@ def _resolve(
         user = options.get(kind, {}).get(name, {})
         resolved = info.defaults()
         for key, value in user.items():
-            from_axis = f"options.{kind}.{name}.{key}" in axes
-            resolved[key] = _check_option(
-                info, key, value, f"{source} [{'matrix' if from_axis else f'options.{kind}.{name}'}]"
-            )
+            path = f"options.{kind}.{name}.{key}"
+            from_axis = path in axes
+            section = f"{source} {sections[path]}" if path in sections else (
+                f"{source} [{'matrix' if from_axis else f'options.{kind}.{name}'}]")
+            resolved[key] = _check_option(info, key, value, section)
         missing = [o.name for o in info.options.values() if o.required and o.name not in resolved]
         if missing:
             raise ConfigError(

@@ -338,3 +338,73 @@ def test_resolved_options_do_not_share_the_factorys_default_objects(write_toml, 
     m = load_matrix(write_toml(BASE), catalog)
     channels = m.cells[0].config.model.options["channels"]
     assert channels == [8] and channels is not _net.__defaults__[0]
+
+
+OVERRIDE = BASE + """
+[defaults.optimizer]
+lr = 0.1
+weight_decay = 5e-4
+[matrix]
+seed = [0, 1]
+normalizer = ["bn", "seqnorm"]
+trainer = ["bptt", "online"]
+[[exclude]]
+trainer = "online"
+normalizer = "seqnorm"
+"""
+
+
+def test_an_override_sets_values_for_the_cells_it_matches_only(write_toml, catalog):
+    plain = load_matrix(write_toml(OVERRIDE), catalog)
+    text = OVERRIDE + """
+[[override]]  # a quoted dotted key
+where = { normalizer = "bn", trainer = "online" }
+"optimizer.weight_decay" = 2e-4
+[[override]]  # TOML's dotted keys (nested tables), a plugin option, a list in `where`
+where = { normalizer = "seqnorm", seed = [1] }
+optimizer.lr = 0.05
+options.normalizer.seqnorm.alpha = 2.0
+"""
+    m = load_matrix(write_toml(text), catalog)
+    got = {c.label: (c.config.optimizer.weight_decay, c.config.optimizer.lr, c.config.normalizer.options) for c in m.cells}
+    assert got == {
+        "seed=0 normalizer=bn trainer=bptt": (5e-4, 0.1, {"momentum": 0.1, "mode": "renorm"}),
+        "seed=0 normalizer=bn trainer=online": (2e-4, 0.1, {"momentum": 0.1, "mode": "renorm"}),
+        "seed=0 normalizer=seqnorm trainer=bptt": (5e-4, 0.1, {"alpha": 1.0}),
+        "seed=1 normalizer=bn trainer=bptt": (5e-4, 0.1, {"momentum": 0.1, "mode": "renorm"}),
+        "seed=1 normalizer=bn trainer=online": (2e-4, 0.1, {"momentum": 0.1, "mode": "renorm"}),
+        "seed=1 normalizer=seqnorm trainer=bptt": (5e-4, 0.05, {"alpha": 2.0}),
+    }
+    assert all(c.config.optimizer.momentum == 0.9 for c in m.cells)  # the rest of [defaults.optimizer] stays
+    before = {c.label: c.id for c in plain.cells}
+    for c in m.cells:  # the cells it leaves alone keep their ids; the others are other cells
+        assert (c.id == before[c.label]) == (c.config.optimizer.weight_decay == 5e-4 and c.config.optimizer.lr == 0.1)
+    # --only may leave out every cell an override is for
+    assert [c.label for c in load_matrix(write_toml(text), catalog, only=["seed=0", "trainer=bptt"]).cells] == [
+        "seed=0 normalizer=bn trainer=bptt", "seed=0 normalizer=seqnorm trainer=bptt"]
+
+
+OVERRIDE_BAD = [
+    ('[[override]]\n"optimizer.weight_decay" = 2e-4\n', r"\[\[override\]\] number 1 needs `where`, an inline table"),
+    ('[[override]]\nwhere = { normalizer = "bn" }\n', r"\[\[override\]\] number 1 sets nothing"),
+    ('[[override]]\nwhere = { normaliser = "bn" }\nepochs = 3\n', r"unknown key 'normaliser' in \[\[override\]\] number 1 `where`"),
+    ('[[override]]\nwhere = { normalizer = "bn" }\n"optimizer.weight_decy" = 2e-4\n',
+     r"unknown key 'optimizer.weight_decy' in \[\[override\]\] number 1 \(did you mean 'optimizer.weight_decay'\?\)"),
+    ('[[override]]\nwhere = { normalizer = "bn" }\ntrainer = "online"\n', r"\[\[override\]\] number 1 sets 'trainer', an axis of \[matrix\]"),
+    ('[[override]]\nwhere = { normalizer = "bm" }\nepochs = 3\n', r"\[\[override\]\] number 1 \(where normalizer = 'bm'\) matches no cell"),
+    ('[[override]]\nwhere = { normalizer = "bn" }\n"optimizer.weight_decay" = "low"\n',
+     r"\[\[override\]\] number 1: key 'optimizer.weight_decay': expected a number, got 'low'"),
+    ('[[override]]\nwhere = { normalizer = "bn" }\n"options.normalizer.bn.mode" = "both"\n',
+     r"\[\[override\]\] number 1: option 'mode' of normalizer 'bn': expected 'renorm' or 'linear', got 'both'"),
+    ('[[override]]\nwhere = { normalizer = "bn" }\nepochs = 3\n[[override]]\nwhere = { trainer = "bptt" }\nepochs = 4\n',
+     r"\[\[override\]\] number 1 and number 2 both set 'epochs' for the cell with seed = 0, normalizer = 'bn', trainer = 'bptt'"),
+    ('[override]\nwhere = { normalizer = "bn" }\n', r"\[\[override\]\] must be an array of tables"),
+]
+
+
+@pytest.mark.parametrize("extra,message", OVERRIDE_BAD, ids=[f"override{i}" for i in range(len(OVERRIDE_BAD))])
+def test_a_bad_override_names_the_file_the_override_and_what_is_wrong(write_toml, catalog, extra, message):
+    path = write_toml(OVERRIDE + extra)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_matrix(path, catalog)
+    assert str(path) in str(info.value)

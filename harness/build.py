@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from harness import devices, parallel
-from harness.config import CellConfig, OptimizerConfig, ScheduleConfig
+from harness.config import CellConfig, EmaConfig, OptimizerConfig, ScheduleConfig
 from harness.data import DatasetBundle, EpochSequence, EpochShuffle, WorkerSeeding
 from harness.errors import HarnessError
 from harness.meters.cell import CellMeters
@@ -175,6 +175,7 @@ class CellParts:
     scheduler: Any
     meters: CellMeters
     step_optimizer: Any = None  # what the trainer steps: the optimizer, or the engine's gradient-averaging wrapper
+    ema: Any = None  # timm's ModelEmaV3 of the model (config.ema.decay > 0), else None
 
     def __post_init__(self) -> None:
         if self.step_optimizer is None:
@@ -195,7 +196,21 @@ def build_cell(config: CellConfig, registry: Registry, data: DatasetBundle, devi
     loss_fn = registry.losses[config.loss.name](**config.loss.options)
     optimizer = build_optimizer(model, config.optimizer)
     scheduler = build_scheduler(optimizer, config.lr_schedule, config.epochs, updates_per_epoch)
-    return CellParts(model, trainer, loss_fn, optimizer, scheduler, CellMeters(model, torch.device(device), config.meters))
+    return CellParts(model, trainer, loss_fn, optimizer, scheduler, CellMeters(model, torch.device(device), config.meters),
+                     ema=build_ema(model, config.ema))
+
+
+def build_ema(model: nn.Module, cfg: EmaConfig) -> Any:
+    """timm's ``ModelEmaV3`` of ``model`` (a copy on the model's device), or None when
+    ``cfg.decay`` is 0. Buffers: ``"average"`` interpolates every floating-point buffer like the
+    weights (normalizers' running statistics, OTS's running thresholds: each stays the average
+    over the same updates as the weights it goes with); ``"copy"`` takes the model's own at every
+    update. Integer buffers (``num_batches_tracked``) are copied either way."""
+    if not cfg.decay:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=cfg.decay, use_warmup=cfg.warmup, exclude_buffers=cfg.buffers == "copy")
 
 
 @dataclass

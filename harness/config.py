@@ -76,6 +76,17 @@ class ScheduleConfig:
 
 
 @dataclass(frozen=True)
+class EmaConfig:
+    """An exponential moving average of the model (timm's ``ModelEmaV3``), updated after every
+    training batch (``ema = decay * ema + (1 - decay) * model``, the first update a copy) and
+    evaluated beside the model at every epoch (``ema_test_*`` metrics)."""
+
+    decay: Annotated[float, Range(0.0, 1.0, high_open=True)] = 0.0  # 0: no EMA; e.g. 0.999
+    warmup: bool = False  # timm's warm-up: decay 1 - (1 + k)^(-2/3) at update k, capped at `decay`
+    buffers: Literal["average", "copy"] = "average"  # running statistics and OTS thresholds: averaged like the weights, or the model's copied
+
+
+@dataclass(frozen=True)
 class CellConfig:
     """Everything one cell needs. Required fields have no default."""
 
@@ -106,6 +117,7 @@ class CellConfig:
     optimizer: OptimizerConfig = OptimizerConfig()
     lr_schedule: ScheduleConfig = ScheduleConfig()
     neuron: NeuronConfig = NeuronConfig()
+    ema: EmaConfig = EmaConfig()
 
 
 # Keys of [defaults] that are not CellConfig fields as such: component names are strings there.
@@ -142,6 +154,7 @@ LATER_KEYS: dict[str, Any] = {
     "optimizer.eps": None, "optimizer.filter_bias_and_bn": False,
     "lr_schedule.milestones": (30, 60), "lr_schedule.patience": 10, "lr_schedule.warmup_epochs": 0,
     "lr_schedule.warmup_lr": 1e-5, "lr_schedule.per_iteration": False,
+    "ema.decay": 0.0, "ema.warmup": False, "ema.buffers": "average",
 }  # fmt: skip
 
 
@@ -179,6 +192,7 @@ def from_dict(data: dict[str, Any]) -> CellConfig:
     kwargs["optimizer"] = OptimizerConfig(**{**data["optimizer"], "betas": tuple(data["optimizer"]["betas"])})
     kwargs["lr_schedule"] = ScheduleConfig(**{**data["lr_schedule"], "milestones": tuple(data["lr_schedule"].get("milestones", (30, 60)))})
     kwargs["neuron"] = NeuronConfig(**data["neuron"])
+    kwargs["ema"] = EmaConfig(**data.get("ema", {}))
     if "meters" in data:
         kwargs["meters"] = tuple(data["meters"])
     return CellConfig(**kwargs)

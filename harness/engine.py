@@ -192,6 +192,10 @@ def restore(state: dict[str, Any], parts: CellParts, generator: torch.Generator,
     parts.model.load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     load_scheduler_state(parts.scheduler, state["scheduler"])
+    if parts.ema is not None:
+        if "ema" not in state:
+            raise KeyError("the checkpoint holds no moving average of the model, which this cell keeps")
+        parts.ema.module.load_state_dict(state["ema"])
     ranks = state.get("rng_ranks") or []
     if par.enabled and len(ranks) == par.world_size:
         return checkpoint.set_rng_state(ranks[par.rank], generator)

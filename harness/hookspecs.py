@@ -238,7 +238,8 @@ def on_epoch_start(cell: Cell, epoch: int, num_train_batches: int, num_test_batc
 
 @hookspec
 def on_batch_end(cell: Cell, phase: str, batch: int, num_batches: int) -> None:
-    """A batch of ``phase`` (``"train"`` or ``"test"``) ended; ``batch`` counts from 1.
+    """A batch of ``phase`` (``"train"``, ``"test"``, or ``"ema_test"``: the evaluation of the
+    model's moving average, where the cell keeps one) ended; ``batch`` counts from 1.
 
     Called in the hot loop: implementations must be cheap and never synchronize a device.
     """

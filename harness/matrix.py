@@ -21,6 +21,7 @@ Schema (every key is checked; errors name the file, the section, the key and wha
     [defaults.lr_schedule]          # name = "cosine" | "step" | "multistep" | "plateau" | ..., min_lr,
                                     # warmup_epochs, warmup_lr, per_iteration, ...
     [defaults.neuron]               # tau, reset, surrogate_alpha, detach_reset
+    [defaults.ema]                  # decay (0: none), warmup, buffers = "average" | "copy"
 
     [matrix]                        # axes: any default (dotted for nested) or a plugin option
     normalizer = ["vanilla_bn", "osr"]
@@ -82,7 +83,7 @@ from harness.config import (
 from harness.errors import ConfigError, IncompatibleCellError, UnknownNameError, close_matches
 
 TOP_KEYS = ("name", "description", "defaults", "matrix", "exclude", "override", "options", "tracking", "execution")
-NESTED = {f.name: f.type for f in dataclasses.fields(CellConfig) if f.name in ("optimizer", "lr_schedule", "neuron")}
+NESTED = {f.name: f.type for f in dataclasses.fields(CellConfig) if f.name in ("optimizer", "lr_schedule", "neuron", "ema")}
 _HINTS = typing.get_type_hints(CellConfig, include_extras=True)
 _DEFAULT_COMPONENTS = {"threshold": "fixed", "loss": "tet"}
 _POSITIVE = ("epochs", "batch_size", "time_steps", "train_subset", "eval_batch_size", "max_train_batches", "max_eval_batches")

@@ -122,6 +122,36 @@ def _scheduled(train_batch: Any, scheduler: Any, first_update: int) -> Any:
     return step
 
 
+def _averaged(train_batch: Any, ema: Any, model: nn.Module, first_update: int) -> Any:
+    """``train_batch``, then the model's moving average updated (timm's ``ModelEmaV3``, told
+    the number of training batches so far, which its warm-up and its first copy go by; from
+    ``first_update`` on, as :func:`_scheduled` counts). Given only where the cell has an EMA."""
+    if ema is None:
+        return train_batch
+    updates = itertools.count(first_update + 1)
+    first = [True]
+
+    def step(inputs: Any, target: Any) -> Any:
+        result = train_batch(inputs, target)
+        if first[0]:  # buffers a module sizes at its first training step (OTS's per-step thresholds)
+            _match_lazy_buffers(ema.module, model)
+            first[0] = False
+        ema.update(model, step=next(updates))
+        return result
+
+    return step
+
+
+def _match_lazy_buffers(copy: nn.Module, model: nn.Module) -> None:
+    """Give ``copy`` the model's value of every buffer whose shape the model changed since the
+    copy was made (a buffer sized at the first training step): it has no average yet."""
+    for name, buf in model.named_buffers():
+        mine = copy.get_buffer(name)
+        if mine.shape != buf.shape:
+            owner, _, leaf = name.rpartition(".")
+            copy.get_submodule(owner)._buffers[leaf] = buf.detach().clone()
+
+
 def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, ckpt: Path | None, preloaded: Any = None) -> None:
     cfg, hook = cell.config, engine.hook
     with engine.hold():  # build the cell: its errors are agreed on by every process
@@ -142,17 +172,19 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
 
         parts = build()
     engine.settle("while building the cell")
+    static = model_size(parts.model)  # as built: a resumed cell's buffers sized in training (OTS's) would count otherwise
     parts, state, notes = _resume(engine, ckpt, cell, parts, generator, fresh, build)
 
-    model, trainer, loss_fn, optimizer, scheduler, meters = (
-        parts.model, parts.trainer, parts.loss_fn, parts.optimizer, parts.scheduler, parts.meters)
-    static = model_size(model)
+    model, trainer, loss_fn, optimizer, scheduler, meters, ema = (
+        parts.model, parts.trainer, parts.loss_fn, parts.optimizer, parts.scheduler, parts.meters, parts.ema)
+    ema_meters = CellMeters(ema.module, device, [m for m in cfg.meters if m == "firing_rate"]) if ema is not None else None
     info: dict[str, Any] = {"device": str(device), **static, "train_size": len(train_set), "test_size": len(data.test), **notes,
                             "provenance": {"code": Provenance(registry).code(cfg), "env": environment(device),
                                            "data": data_checksum(data.files)}}
-    best, first_epoch = -math.inf, 1
+    best, best_ema, first_epoch = -math.inf, -math.inf, 1
     if state is not None:
         first_epoch, best = int(state["epoch"]) + 1, float(state["best"])
+        best_ema = float(state.get("best_ema", -math.inf))
         result.metrics, result.epochs_completed = dict(state["metrics"]), int(state["epoch"])
     hook.on_cell_start(cell=cell, info=info)
     if state is not None and checkpoint.told(ckpt) != state["epoch"]:  # type: ignore[arg-type]
@@ -170,6 +202,7 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
             loaders.set_epoch(epoch)
             train_batch = _scheduled(lambda x, y: trainer.train_batch(model, x, y, loss_fn, parts.step_optimizer),
                                      scheduler if cfg.lr_schedule.per_iteration else None, first_update=(epoch - 1) * num_train)
+            train_batch = _averaged(train_batch, ema, model, first_update=(epoch - 1) * num_train)
             train = engine.training_pass(lambda: _run_epoch(
                 cell, "train", loaders.train, num_train, device, data.temporal, hook, meters, autocast,
                 train_batch, guard, engine.reduce_pass,
@@ -181,6 +214,11 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
                 meters.count_synops = cfg.synops_epochs == "every" or epoch == cfg.epochs  # counting costs a third of an evaluation
                 test = _run_epoch(cell, "test", loaders.test, num_test, device, data.temporal, hook, meters, autocast,
                                   lambda x, y: trainer.eval_batch(model, x, y, loss_fn))
+                if ema is not None:  # the moving average, evaluated as the model is (its own firing rates)
+                    test.update(_run_epoch(cell, "ema_test", loaders.test, num_test, device, data.temporal, hook, ema_meters,
+                                           autocast, lambda x, y: trainer.eval_batch(ema.module, x, y, loss_fn)))
+                    best_ema = max(best_ema, test["ema_test_top1"])
+                    test["best_ema_test_top1"] = best_ema
                 if scheduler is not None:  # timm's: the epoch that ended, and what plateau watches
                     scheduler.step(epoch, test["test_top1"])
                 best = max(best, test["test_top1"])
@@ -205,6 +243,7 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
                     "model": model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler_state(scheduler),
+                    **({"ema": ema.module.state_dict(), "best_ema": best_ema} if ema is not None else {}),
                     **engine.rng_ranks(rng),
                 })
             # Only now is the epoch told: a process killed in between resumes after this epoch
@@ -220,6 +259,8 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
                     engine.mark_told(ckpt, epoch)
     finally:
         meters.close()
+        if ema_meters is not None:
+            ema_meters.close()
     with engine.hold():
         if cfg.membrane_histograms:
             result.artifacts.update(_membrane_histograms(cell, model, trainer, loss_fn, loaders.test, device, data.temporal))

@@ -12,7 +12,7 @@ from harness.atomic import atomic_write, write_text
 
 LEAD = ["cell_id", "label", "status"]
 METRICS = [
-    "test_top1", "best_test_top1", "train_top1", "train_loss", "test_loss",
+    "test_top1", "best_test_top1", "ema_test_top1", "best_ema_test_top1", "train_top1", "train_loss", "test_loss",
     "test_firing_rate", "test_firing_rate_cv", "train_firing_rate",
     "train_saved_bytes_peak", "train_cuda_peak_bytes", "peak_rss_bytes",
     "train_samples_per_s", "test_samples_per_s", "train_data_time_s",
@@ -23,7 +23,7 @@ METRICS = [
 CSV_ONLY = re.compile(r"^test_firing_rate_t\d+$")
 MARKDOWN_SKIP = {"error_type", "label", "run_id", "config_id", "peak_rss_bytes", "train_data_time_s", "synops_ac", "model_size_bytes", "train_firing_rate"}
 TRAIL = ["error_type", "error", "config_id", "run_id"]
-PERCENT = {"test_top1", "best_test_top1", "train_top1"}
+PERCENT = {"test_top1", "best_test_top1", "ema_test_top1", "best_ema_test_top1", "train_top1"}
 TRACEBACK = "traceback.txt"  # a failed cell's whole traceback, among its files
 
 
@@ -140,6 +140,8 @@ def _title(column: str) -> str:
         "cell_id": "cell",
         "test_top1": "test top-1",
         "best_test_top1": "best test top-1",
+        "ema_test_top1": "EMA test top-1",
+        "best_ema_test_top1": "best EMA test top-1",
         "train_top1": "train top-1",
         "train_loss": "train loss",
         "test_loss": "test loss",

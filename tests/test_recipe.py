@@ -12,7 +12,7 @@ from torch import nn
 
 from harness import hookimpl
 from harness.build import build_optimizer, build_scheduler, load_scheduler_state, scheduler_state
-from harness.config import OPTIMIZERS, SCHEDULES, OptimizerConfig, ScheduleConfig
+from harness.config import OPTIMIZERS, SCHEDULES, Component, EmaConfig, OptimizerConfig, ScheduleConfig
 from harness.errors import ConfigError
 from harness.matrix import Cell
 from harness.registry import get_registry
@@ -218,12 +218,15 @@ def test_a_cell_with_a_per_iteration_warmup_schedule_steps_the_rate_at_every_bat
 
 
 def test_a_resumed_cell_with_every_new_option_on_ends_as_an_uninterrupted_one(tmp_path):
-    """Warm-up, per-iteration cosine, AdamW without weight decay on 1-D parameters: killed after
-    epoch 1 (its checkpoint kept), the cell resumes to the uninterrupted run's metrics exactly."""
+    """Warm-up, per-iteration cosine, AdamW without weight decay on 1-D parameters, a model EMA
+    with its warm-up, OSR with its momentum warm-up and OTS: killed after epoch 1 (its checkpoint
+    kept), the cell resumes to the uninterrupted run's metrics exactly."""
     schedule = ScheduleConfig(per_iteration=True, warmup_epochs=1, warmup_lr=1e-4, min_lr=1e-4)
     optimizer = OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.05, filter_bias_and_bn=True, eps=1e-7)
     cell, spy, registry = _spied_cell(schedule, epochs=3)
-    cell = Cell(cell.id, 0, dataclasses.replace(cell.config, optimizer=optimizer), cell.axes)
+    cell = Cell(cell.id, 0, dataclasses.replace(
+        cell.config, optimizer=optimizer, ema=EmaConfig(decay=0.6, warmup=True),
+        normalizer=Component("osr", {"momentum_warmup_batches": 4}), threshold=Component("ots")), cell.axes)
     straight = run_cell(cell, registry, Recorder())
     assert straight.status == "finished", straight.error
 
@@ -239,4 +242,69 @@ def test_a_resumed_cell_with_every_new_option_on_ends_as_an_uninterrupted_one(tm
     assert resumed.status == "finished" and resumed.epochs_completed == 3, resumed.error
     stable = {k: v for k, v in straight.metrics.items() if not any(t in k for t in ("time", "per_s", "per_iter", "rss"))}
     assert {k: resumed.metrics[k] for k in stable} == stable
+    assert {"ema_test_top1", "best_ema_test_top1", "ema_test_firing_rate"} <= set(stable)  # the average, resumed too
     assert resumed_spy.lrs == spy.lrs  # every batch at the rate of the uninterrupted run
+
+
+# -- the model's moving average (timm's ModelEmaV3) --------------------------------------------
+
+
+@pytest.mark.parametrize("buffers", ["average", "copy"])
+def test_the_moving_average_follows_the_weights_and_its_buffers_as_chosen(buffers):
+    """After every training batch: ema = d * ema + (1 - d) * model (the first update a copy).
+    Running statistics and OTS's thresholds (sized at the first step) are averaged the same way,
+    or copied from the model; integer counters are copied either way."""
+    from harness.build import build_cell
+    from harness.data import to_sequence
+    from harness.runner import _averaged
+
+    registry = get_registry()
+    cell = tiny_cell(0, batch_size=32)
+    cfg = dataclasses.replace(cell.config, normalizer=Component("osr", {}), threshold=Component("ots"),
+                              ema=EmaConfig(decay=0.75, buffers=buffers))
+    data = registry.datasets["digits"](**cfg.dataset.options)
+    torch.manual_seed(0)
+    parts = build_cell(cfg, registry, data)
+    model, ema = parts.model, parts.ema
+    step = _averaged(lambda x, y: parts.trainer.train_batch(model, x, y, parts.loss_fn, parts.optimizer), ema, model, 0)
+    snapshots = []
+    for i in range(3):
+        x = torch.stack([data.train[j][0] for j in range(32 * i, 32 * i + 32)])
+        y = torch.tensor([data.train[j][1] for j in range(32 * i, 32 * i + 32)])
+        step(to_sequence(x, cfg.time_steps, False), y)
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    got = ema.module.state_dict()
+    params, moved = {name for name, _ in model.named_parameters()}, set()
+    assert any("threshold" in k for k in got)  # OTS's lazily sized buffers are in the average
+    for key, value in got.items():
+        if not value.is_floating_point() or (buffers == "copy" and key not in params):
+            assert torch.equal(value, snapshots[-1][key]), key
+            continue
+        expected = snapshots[0][key]  # update 1: a copy
+        for snap in snapshots[1:]:
+            expected = 0.75 * expected + 0.25 * snap[key]
+        torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=key)
+        if not all(torch.equal(s[key], snapshots[-1][key]) for s in snapshots):  # it moved: an average, not the model
+            assert not torch.allclose(value, snapshots[-1][key]), key
+            moved.add(key)
+    assert any("running_mean" in k for k in moved) == (buffers == "average")
+
+
+def test_no_moving_average_unless_asked_and_its_keys_are_checked(tmp_path, registry):
+    from harness.build import build_cell
+    from harness.matrix import load_matrix
+
+    from conftest import TINY_DEFAULTS
+
+    data = registry.datasets["digits"](test_fraction=0.2, split_seed=0)
+    assert build_cell(tiny_cell(0).config, registry, data).ema is None
+    path = tmp_path / "m.toml"
+    for body, message in [("decay = 1.0", r"key 'ema.decay'.*in \[0, 1\)"), ('buffers = "mean"', r"key 'ema.buffers'.*'average' or 'copy'"),
+                          ("decy = 0.9", r"unknown key 'ema.decy' \(did you mean 'ema.decay'\?\)")]:
+        path.write_text('name = "m"\n' + TINY_DEFAULTS + f"[defaults.ema]\n{body}\n")
+        with pytest.raises(ConfigError, match=message):
+            load_matrix(path, registry)
+    path.write_text('name = "m"\n' + TINY_DEFAULTS)
+    plain = load_matrix(path, registry).cells[0]
+    path.write_text('name = "m"\n' + TINY_DEFAULTS + "[defaults.ema]\ndecay = 0.0\n")
+    assert load_matrix(path, registry).cells[0].id == plain.id  # off: the id of a cell from before the option

@@ -176,6 +176,7 @@ class CellParts:
     meters: CellMeters
     step_optimizer: Any = None  # what the trainer steps: the optimizer, or the engine's gradient-averaging wrapper
     ema: Any = None  # timm's ModelEmaV3 of the model (config.ema.decay > 0), else None
+    mixing: Any = None  # harness.mixing.BatchMixing of the training batches (config.mixup), else None
 
     def __post_init__(self) -> None:
         if self.step_optimizer is None:
@@ -196,8 +197,10 @@ def build_cell(config: CellConfig, registry: Registry, data: DatasetBundle, devi
     loss_fn = registry.losses[config.loss.name](**config.loss.options)
     optimizer = build_optimizer(model, config.optimizer)
     scheduler = build_scheduler(optimizer, config.lr_schedule, config.epochs, updates_per_epoch)
+    from harness.mixing import build_mixing
+
     return CellParts(model, trainer, loss_fn, optimizer, scheduler, CellMeters(model, torch.device(device), config.meters),
-                     ema=build_ema(model, config.ema))
+                     ema=build_ema(model, config.ema), mixing=build_mixing(config.mixup, loss_fn, data.num_classes, data.temporal))
 
 
 def build_ema(model: nn.Module, cfg: EmaConfig) -> Any:

@@ -87,6 +87,19 @@ class EmaConfig:
 
 
 @dataclass(frozen=True)
+class MixupConfig:
+    """Mixup and CutMix of the training batches (timm's ``Mixup``; :mod:`harness.mixing`), with
+    soft targets for the loss. Off while both alphas are 0."""
+
+    mixup_alpha: Annotated[float, Range(0.0)] = 0.0  # mixing factor ~ Beta(alpha, alpha); 0: no mixup
+    cutmix_alpha: Annotated[float, Range(0.0)] = 0.0  # CutMix box area ~ Beta(alpha, alpha); 0: no CutMix
+    prob: Annotated[float, Range(0.0, 1.0)] = 1.0  # share of batches (or pairs, elements) mixed
+    switch_prob: Annotated[float, Range(0.0, 1.0)] = 0.5  # with both alphas: the share that is CutMix
+    mode: Literal["batch", "pair", "elem"] = "batch"  # one draw per batch, per pair of samples, per sample
+    label_smoothing: Annotated[float, Range(0.0, 1.0, high_open=True)] = 0.0  # timm's default is 0.1
+
+
+@dataclass(frozen=True)
 class CellConfig:
     """Everything one cell needs. Required fields have no default."""
 
@@ -118,6 +131,7 @@ class CellConfig:
     lr_schedule: ScheduleConfig = ScheduleConfig()
     neuron: NeuronConfig = NeuronConfig()
     ema: EmaConfig = EmaConfig()
+    mixup: MixupConfig = MixupConfig()
 
 
 # Keys of [defaults] that are not CellConfig fields as such: component names are strings there.
@@ -155,6 +169,8 @@ LATER_KEYS: dict[str, Any] = {
     "lr_schedule.milestones": (30, 60), "lr_schedule.patience": 10, "lr_schedule.warmup_epochs": 0,
     "lr_schedule.warmup_lr": 1e-5, "lr_schedule.per_iteration": False,
     "ema.decay": 0.0, "ema.warmup": False, "ema.buffers": "average",
+    "mixup.mixup_alpha": 0.0, "mixup.cutmix_alpha": 0.0, "mixup.prob": 1.0, "mixup.switch_prob": 0.5, "mixup.mode": "batch",
+    "mixup.label_smoothing": 0.0,
 }  # fmt: skip
 
 
@@ -193,6 +209,7 @@ def from_dict(data: dict[str, Any]) -> CellConfig:
     kwargs["lr_schedule"] = ScheduleConfig(**{**data["lr_schedule"], "milestones": tuple(data["lr_schedule"].get("milestones", (30, 60)))})
     kwargs["neuron"] = NeuronConfig(**data["neuron"])
     kwargs["ema"] = EmaConfig(**data.get("ema", {}))
+    kwargs["mixup"] = MixupConfig(**data.get("mixup", {}))
     if "meters" in data:
         kwargs["meters"] = tuple(data["meters"])
     return CellConfig(**kwargs)

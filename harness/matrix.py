@@ -22,6 +22,7 @@ Schema (every key is checked; errors name the file, the section, the key and wha
                                     # warmup_epochs, warmup_lr, per_iteration, ...
     [defaults.neuron]               # tau, reset, surrogate_alpha, detach_reset
     [defaults.ema]                  # decay (0: none), warmup, buffers = "average" | "copy"
+    [defaults.mixup]                # mixup_alpha, cutmix_alpha (both 0: none), prob, switch_prob, mode, label_smoothing
 
     [matrix]                        # axes: any default (dotted for nested) or a plugin option
     normalizer = ["vanilla_bn", "osr"]
@@ -83,7 +84,7 @@ from harness.config import (
 from harness.errors import ConfigError, IncompatibleCellError, UnknownNameError, close_matches
 
 TOP_KEYS = ("name", "description", "defaults", "matrix", "exclude", "override", "options", "tracking", "execution")
-NESTED = {f.name: f.type for f in dataclasses.fields(CellConfig) if f.name in ("optimizer", "lr_schedule", "neuron", "ema")}
+NESTED = {f.name: f.type for f in dataclasses.fields(CellConfig) if f.name in ("optimizer", "lr_schedule", "neuron", "ema", "mixup")}
 _HINTS = typing.get_type_hints(CellConfig, include_extras=True)
 _DEFAULT_COMPONENTS = {"threshold": "fixed", "loss": "tet"}
 _POSITIVE = ("epochs", "batch_size", "time_steps", "train_subset", "eval_batch_size", "max_train_batches", "max_eval_batches")

@@ -37,6 +37,7 @@ from harness.errors import HarnessError
 from harness.events import CellResult, checkpoint_done, error_message, interrupts_deferred
 from harness.matrix import Cell
 from harness.meters.cell import CellMeters, model_size
+from harness.mixing import SoftTargets
 from harness.provenance import Provenance, data_checksum, environment
 from harness.registry import Registry
 from harness.snn import collect_epoch_metrics
@@ -102,6 +103,19 @@ def _failed(result: CellResult, exc: BaseException) -> None:
     result.error = traceback.format_exc()
     result.error_type = type(exc).__name__
     result.error_message = error_message(exc)
+
+
+def _training_step(trainer: Any, model: nn.Module, loss_fn: Any, optimizer: Any, mixing: Any) -> Any:
+    """The trainer's step on a batch; with mixup/CutMix (:mod:`harness.mixing`) on the mixed
+    batch, the loss on its soft targets and the accuracy against the larger weight's label."""
+    if mixing is None:
+        return lambda x, y: trainer.train_batch(model, x, y, loss_fn, optimizer)
+
+    def step(inputs: Any, target: Any) -> Any:
+        inputs, hard, soft = mixing(inputs, target)
+        return trainer.train_batch(model, inputs, hard, SoftTargets(loss_fn, soft), optimizer)
+
+    return step
 
 
 def _scheduled(train_batch: Any, scheduler: Any, first_update: int) -> Any:
@@ -200,7 +214,7 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
             lr = optimizer.param_groups[0]["lr"]
             guard.start(epoch)
             loaders.set_epoch(epoch)
-            train_batch = _scheduled(lambda x, y: trainer.train_batch(model, x, y, loss_fn, parts.step_optimizer),
+            train_batch = _scheduled(_training_step(trainer, model, loss_fn, parts.step_optimizer, parts.mixing),
                                      scheduler if cfg.lr_schedule.per_iteration else None, first_update=(epoch - 1) * num_train)
             train_batch = _averaged(train_batch, ema, model, first_update=(epoch - 1) * num_train)
             train = engine.training_pass(lambda: _run_epoch(

@@ -28,7 +28,12 @@ class SequenceLoss:
     ``step(o_t, y)`` is the loss of one step, ``L_t``; calling the loss on the whole output
     ``[T, B, K]`` gives ``L = (1/T) sum_t L_t``. Online trainers back-propagate ``L_t / T`` at
     every step, so the two agree by construction.
+
+    ``soft_targets = True`` declares that ``y`` may also be soft targets ``[B, K]`` (class
+    probabilities: mixup and CutMix, :mod:`harness.mixing`, need it).
     """
+
+    soft_targets: ClassVar[bool] = False
 
     def step(self, logits: Tensor, target: Tensor) -> Tensor:  # pragma: no cover - interface
         raise NotImplementedError

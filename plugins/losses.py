@@ -29,7 +29,13 @@ class TETLoss(SequenceLoss):
     ``o[t]`` are the logits of step ``t``; CE is softmax cross-entropy (the paper's Eq. 5 drops
     the minus sign of its log term); the MSE mean runs over batch and classes; ``w`` is
     ``mse_weight`` (Table 3: 0.05 for static images, 0.001 for DVS data).
+
+    Soft targets ``p`` ``[B, K]`` (mixup, CutMix) take the place of ``onehot(y)`` in both terms:
+    ``CE = -sum_k p_k log softmax(o[t])_k`` and ``MSE(o[t], p)``; one-hot ``p`` gives the loss of
+    the labels exactly.
     """
+
+    soft_targets = True
 
     def __init__(self, mse_weight: Annotated[float, Range(0.0, 1.0)] = 0.05) -> None:
         if not 0.0 <= mse_weight <= 1.0:
@@ -37,16 +43,20 @@ class TETLoss(SequenceLoss):
         self.mse_weight = mse_weight
 
     def step(self, logits: Tensor, target: Tensor) -> Tensor:
-        loss = cross_entropy(logits, target)
+        if target.ndim == 2:  # soft targets [B, K]
+            loss = -(F.log_softmax(logits, dim=-1) * target).sum(-1).mean()
+            onehot = target.to(logits.dtype)
+        else:
+            loss = cross_entropy(logits, target)
+            onehot = F.one_hot(target, logits.shape[-1]).to(logits.dtype) if self.mse_weight else None
         if self.mse_weight:
-            onehot = F.one_hot(target, logits.shape[-1]).to(logits.dtype)
             loss = (1.0 - self.mse_weight) * loss + self.mse_weight * F.mse_loss(logits, onehot)
         return loss
 
     def __call__(self, logits: Tensor, target: Tensor) -> Tensor:
         # All steps at once: means over [T*B] equal (1/T) sum_t of the per-step means.
         T = logits.shape[0]
-        return self.step(logits.flatten(0, 1), target.repeat(T))
+        return self.step(logits.flatten(0, 1), target.repeat(T, 1) if target.ndim == 2 else target.repeat(T))
 
 
 @hookimpl

@@ -22,8 +22,9 @@ passes. Each check runs the real training loop (``harness.runner.run_cell``, no 
   T, BPTT growing with T (paper Fig. 2a).
 * ``same_seed``: a deterministic cell run twice gives the same metrics; a default cell (cuDNN
   autotuner, TF32) is reported for comparison.
-* ``autocast``: cells with ``precision = "bfloat16"`` train and evaluate to finite losses; every
-  normalizer and OTS under float16 autocast keep float32, finite buffers.
+* ``autocast``: cells with ``precision = "bfloat16"`` and ``"float16"`` (loss scaling: the
+  scaler's final scale is reported) train and evaluate to finite losses; every normalizer and OTS
+  under float16 autocast keep float32, finite buffers.
 * ``speed``: ``benchmarks/speed.py`` at the default model (``vgg_small`` 16-32-64, Fashion-MNIST
   shape, batch 64) and at VGGSNN on CIFAR-shaped synthetic data (batch 128), T = 4: the
   harness's trainers against SpikingJelly's (when it is installed) and the ANN limit, interleaved
@@ -262,11 +263,15 @@ def check_same_seed(ctx: Context) -> dict[str, Any]:
 
 def check_autocast(ctx: Context) -> dict[str, Any]:
     out: dict[str, Any] = {"ok": True, "cells": {}, "float16_modules": {}}
-    for combo in COMBOS[:2]:
-        r = finished(run_cell(cell(ctx, *combo, precision="bfloat16"), ctx.registry, Recorder()))
-        ok = math.isfinite(r.metrics["train_loss"]) and math.isfinite(r.metrics["test_loss"])
-        out["cells"]["/".join(combo)] = {"ok": ok, **{k: r.metrics[k] for k in FINAL}}
-        out["ok"] &= ok
+    cuda = torch.device(ctx.device).type == "cuda"
+    if not cuda:
+        out["cells"]["float16"] = "not run: float16 cells need CUDA (their loss scaling)"
+    for precision in ("bfloat16", "float16") if cuda else ("bfloat16",):
+        for combo in COMBOS[:2]:
+            r = finished(run_cell(cell(ctx, *combo, precision=precision), ctx.registry, Recorder()))
+            ok = math.isfinite(r.metrics["train_loss"]) and math.isfinite(r.metrics["test_loss"])
+            out["cells"][f"{precision}/" + "/".join(combo)] = {"ok": ok, **{k: r.metrics[k] for k in FINAL}}
+            out["ok"] &= ok
     from harness.snn import LayerFactory, LIFNeuron, run_sequence
 
     device = torch.device(ctx.device)

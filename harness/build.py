@@ -177,6 +177,7 @@ class CellParts:
     step_optimizer: Any = None  # what the trainer steps: the optimizer, or the engine's gradient-averaging wrapper
     ema: Any = None  # timm's ModelEmaV3 of the model (config.ema.decay > 0), else None
     mixing: Any = None  # harness.mixing.BatchMixing of the training batches (config.mixup), else None
+    scaler: Any = None  # torch.amp.GradScaler of a float16 cell (harness.scaling), else None
 
     def __post_init__(self) -> None:
         if self.step_optimizer is None:
@@ -198,9 +199,11 @@ def build_cell(config: CellConfig, registry: Registry, data: DatasetBundle, devi
     optimizer = build_optimizer(model, config.optimizer)
     scheduler = build_scheduler(optimizer, config.lr_schedule, config.epochs, updates_per_epoch)
     from harness.mixing import build_mixing
+    from harness.scaling import loss_scaler
 
     return CellParts(model, trainer, loss_fn, optimizer, scheduler, CellMeters(model, torch.device(device), config.meters),
-                     ema=build_ema(model, config.ema), mixing=build_mixing(config.mixup, loss_fn, data.num_classes, data.temporal))
+                     ema=build_ema(model, config.ema), mixing=build_mixing(config.mixup, loss_fn, data.num_classes, data.temporal),
+                     scaler=loss_scaler(config.precision, torch.device(device)))
 
 
 def build_ema(model: nn.Module, cfg: EmaConfig) -> Any:

@@ -114,7 +114,7 @@ class CellConfig:
     loss: Component = Component("tet")
     seed: int = 0
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", "mps"; under torchrun: each process's own GPU
-    precision: Literal["float32", "bfloat16"] = "float32"  # bfloat16: trainer steps under torch.autocast (statistics stay float32)
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"  # 16-bit: trainer steps under torch.autocast (statistics stay float32); float16: CUDA only, with loss scaling
     deterministic: bool = False  # GPU: deterministic algorithms, no TF32, no cuDNN autotuner (bit-identical reruns, slower)
     cudnn_benchmark: bool = True  # GPU: let cuDNN pick the fastest convolution algorithms (off when deterministic)
     compile: bool = False  # run the model under torch.compile (other floating-point order: part of the cell id when true)

@@ -32,7 +32,7 @@ import torch
 
 from harness.errors import HarnessError
 
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(name: str, rank: int = 0, world_size: int = 1, local_rank: int | None = 0) -> torch.device:
@@ -120,7 +120,8 @@ def backend_settings(deterministic: bool, cudnn_benchmark: bool) -> Iterator[Non
 
 def autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager[Any]]:
     """A factory of the context every trainer step of the cell runs in: ``torch.autocast`` for
-    ``precision = "bfloat16"``, nothing for ``"float32"``.
+    ``precision = "bfloat16"`` or ``"float16"`` (CUDA only; with loss scaling,
+    :mod:`harness.scaling`), nothing for ``"float32"``.
 
     :raises HarnessError: an unknown precision, or one the device cannot autocast to.
     """
@@ -129,6 +130,9 @@ def autocast(precision: str, device: torch.device) -> Callable[[], contextlib.Ab
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext
+    if dtype == torch.float16 and device.type != "cuda":
+        raise HarnessError(f"precision 'float16' needs a CUDA device (its loss scaling is for GPUs), not {device}: "
+                           "on the CPU use 'bfloat16' or 'float32'")
     try:
         with torch.autocast(device.type, dtype=dtype):
             pass

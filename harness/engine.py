@@ -196,6 +196,10 @@ def restore(state: dict[str, Any], parts: CellParts, generator: torch.Generator,
         if "ema" not in state:
             raise KeyError("the checkpoint holds no moving average of the model, which this cell keeps")
         parts.ema.module.load_state_dict(state["ema"])
+    if parts.scaler is not None:
+        if "scaler" not in state:
+            raise KeyError("the checkpoint holds no loss scale, which this float16 cell keeps")
+        parts.scaler.load_state_dict(state["scaler"])
     ranks = state.get("rng_ranks") or []
     if par.enabled and len(ranks) == par.world_size:
         return checkpoint.set_rng_state(ranks[par.rank], generator)
@@ -239,6 +243,9 @@ class Engine:
         """:raises HarnessError: the batch does not split evenly over the processes."""
         if config.batch_size % self.par.world_size:
             raise HarnessError(f"batch_size {config.batch_size} does not split evenly over {self.par.world_size} processes")
+        if config.precision == "float16" and self.par.enabled:
+            raise HarnessError("precision 'float16' under data parallelism is not supported yet (the processes would "
+                               "have to agree on the steps the loss scaling skips): use 'bfloat16'")
 
     def prepare(self, parts: CellParts, config: CellConfig, generator: torch.Generator) -> CellParts:
         """After building: the trainer steps the gradient-averaging optimizer; every process but

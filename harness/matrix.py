@@ -14,7 +14,7 @@ Schema (every key is checked; errors name the file, the section, the key and wha
     epochs = 3
     batch_size = 64
     time_steps = 4
-    device = "auto"                 # "cpu", "cuda", "cuda:1"; precision = "float32" | "bfloat16";
+    device = "auto"                 # "cpu", "cuda", "cuda:1"; precision = "float32" | "bfloat16" | "float16";
                                     # deterministic = false; cudnn_benchmark = true; compile = false
     [defaults.optimizer]            # name (timm's: sgd, adamw, lamb, ...), lr, momentum, weight_decay,
                                     # nesterov, betas, eps, filter_bias_and_bn

@@ -38,6 +38,7 @@ from harness.events import CellResult, checkpoint_done, error_message, interrupt
 from harness.matrix import Cell
 from harness.meters.cell import CellMeters, model_size
 from harness.mixing import SoftTargets
+from harness.scaling import ScaledLoss, ScaledOptimizer
 from harness.provenance import Provenance, data_checksum, environment
 from harness.registry import Registry
 from harness.snn import collect_epoch_metrics
@@ -105,9 +106,12 @@ def _failed(result: CellResult, exc: BaseException) -> None:
     result.error_message = error_message(exc)
 
 
-def _training_step(trainer: Any, model: nn.Module, loss_fn: Any, optimizer: Any, mixing: Any) -> Any:
+def _training_step(trainer: Any, model: nn.Module, loss_fn: Any, optimizer: Any, mixing: Any, scaler: Any = None) -> Any:
     """The trainer's step on a batch; with mixup/CutMix (:mod:`harness.mixing`) on the mixed
-    batch, the loss on its soft targets and the accuracy against the larger weight's label."""
+    batch, the loss on its soft targets and the accuracy against the larger weight's label; with
+    a float16 cell's loss scaling (:mod:`harness.scaling`), the scaled loss and optimizer."""
+    if scaler is not None:
+        loss_fn, optimizer = ScaledLoss(loss_fn, scaler), ScaledOptimizer(optimizer, scaler)
     if mixing is None:
         return lambda x, y: trainer.train_batch(model, x, y, loss_fn, optimizer)
 
@@ -214,7 +218,7 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
             lr = optimizer.param_groups[0]["lr"]
             guard.start(epoch)
             loaders.set_epoch(epoch)
-            train_batch = _scheduled(_training_step(trainer, model, loss_fn, parts.step_optimizer, parts.mixing),
+            train_batch = _scheduled(_training_step(trainer, model, loss_fn, parts.step_optimizer, parts.mixing, parts.scaler),
                                      scheduler if cfg.lr_schedule.per_iteration else None, first_update=(epoch - 1) * num_train)
             train_batch = _averaged(train_batch, ema, model, first_update=(epoch - 1) * num_train)
             train = engine.training_pass(lambda: _run_epoch(
@@ -258,6 +262,7 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler_state(scheduler),
                     **({"ema": ema.module.state_dict(), "best_ema": best_ema} if ema is not None else {}),
+                    **({"scaler": parts.scaler.state_dict()} if parts.scaler is not None else {}),
                     **engine.rng_ranks(rng),
                 })
             # Only now is the epoch told: a process killed in between resumes after this epoch

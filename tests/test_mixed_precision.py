@@ -114,6 +114,133 @@ def test_an_unknown_precision_is_a_clear_error_when_the_matrix_loads(tiny_matrix
     from harness.errors import ConfigError
     from harness.matrix import load_matrix
 
-    path = tiny_matrix('[matrix]\nprecision = ["float32", "float16"]\n')
-    with pytest.raises(ConfigError, match=r"key 'precision'.*expected 'float32' or 'bfloat16', got 'float16'"):
+    path = tiny_matrix('[matrix]\nprecision = ["float32", "half"]\n')
+    with pytest.raises(ConfigError, match=r"key 'precision'.*expected 'float32' or 'bfloat16' or 'float16', got 'half'"):
         load_matrix(path, REGISTRY)
+
+
+# -- every normalizer and the neuron under CPU bf16 autocast: float32's numbers within bf16 rounding
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize(("name", "mode"), CASES)
+def test_every_normalizers_values_and_gradients_under_bf16_autocast_are_float32s_within_bf16_rounding(name, mode):
+    """conv -> normalizer -> loss, once in float32 and once under CPU bf16 autocast from the same
+    weights and input: outputs, the input's gradient and the parameters' gradient agree to 1e-2
+    (relative, over the whole tensor; the parameters' as one vector, since the conv bias's
+    gradient is zero up to rounding in front of a normalizer), what bf16's 8-bit mantissa leaves."""
+    torch.manual_seed(3)
+    conv, norm = torch.nn.Conv2d(2, C, 3, padding=1), _normalizer(name)
+    conv16, norm16 = torch.nn.Conv2d(2, C, 3, padding=1), _normalizer(name)
+    conv16.load_state_dict(conv.state_dict())
+    norm16.load_state_dict(norm.state_dict())
+    x = torch.randn(T, B, 2, 5, 5)
+    G = torch.randn(T, B, C, 5, 5)
+    runs = []
+    for c, n, low in ((conv, norm, False), (conv16, norm16, True)):
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            y = _sequence(n.train(), c(xi.flatten(0, 1)).unflatten(0, (T, B)), mode)
+        (y.float() * G).sum().backward()
+        runs.append((y, xi.grad, [p.grad for p in (*c.parameters(), *n.parameters())]))
+    (y32, gx32, gp32), (y16, gx16, gp16) = runs
+    assert y16.dtype == torch.bfloat16
+    assert _relative(y16, y32) < 1e-2 and _relative(gx16, gx32) < 1e-2
+    assert _relative(torch.cat([g.flatten() for g in gp16]), torch.cat([g.flatten() for g in gp32])) < 1e-2
+
+
+@pytest.mark.parametrize("threshold", ["fixed", "ots"])
+def test_the_neurons_membrane_and_surrogate_gradient_under_bf16_are_float32s_within_bf16_rounding(threshold):
+    torch.manual_seed(4)
+    factory = REGISTRY.thresholds[threshold]
+    current = torch.randn(T, B, 16) + 0.6
+    runs = []
+    for low in (False, True):
+        lif = LIFNeuron(factory())
+        u_seen: list[torch.Tensor] = []
+        lif.threshold.register_forward_hook(lambda m, i, o: u_seen.append(i[0].detach().float()))
+        xi = (current.to(torch.bfloat16) if low else current).float().clone().requires_grad_(True)
+        s = run_sequence(lif, xi.to(torch.bfloat16) if low else xi, "sequence")
+        (s.float() * torch.linspace(-1, 1, 16)).sum().backward()
+        runs.append((torch.stack(u_seen), s.float(), xi.grad))
+    (u32, s32, g32), (u16, s16, g16) = runs
+    assert _relative(u16, u32) < 1e-2 and _relative(g16, g32) < 1e-2
+    assert (s16 != s32).float().mean() < 0.02  # spikes flip only where u sits at the threshold within rounding
+
+
+# -- float16 with loss scaling: the mechanism, on the CPU (a forced GradScaler; no GPU here) ------
+
+
+def _forced_scaler(monkeypatch, made: list):
+    import harness.scaling as scaling
+
+    real = scaling.loss_scaler
+
+    def force(precision, device, *, force=False):
+        scaler = real(precision, device, force=True)
+        made.append(scaler)
+        return scaler
+
+    monkeypatch.setattr(scaling, "loss_scaler", force)
+
+
+@pytest.mark.parametrize("trainer", [("bptt", {"max_grad_norm": 1.0}), ("online", {"update": "step", "max_grad_norm": 1.0})],
+                         ids=["bptt", "online"])
+def test_a_loss_scaled_float32_cell_is_the_unscaled_one_bit_for_bit_and_resumes_with_its_scale(trainer, monkeypatch, tmp_path):
+    """Scaling by a power of two, clipping the unscaled gradient and stepping on it gives the very
+    numbers of no scaling; the scaler's state travels in the checkpoint."""
+    cell = tiny_cell(0, epochs=2, max_train_batches=3, max_eval_batches=2)
+    cell = dataclasses.replace(cell, config=dataclasses.replace(cell.config, trainer=Component(*trainer)))
+    plain = run_cell(cell, REGISTRY, Recorder())
+    made: list = []
+    _forced_scaler(monkeypatch, made)
+    scaled = run_cell(cell, REGISTRY, Recorder())
+    assert plain.status == scaled.status == "finished", scaled.error
+    stable = [k for k in plain.metrics if not any(t in k for t in ("time", "per_s", "per_iter", "rss"))]
+    assert {k: scaled.metrics[k] for k in stable} == {k: plain.metrics[k] for k in stable}
+    assert made and made[-1].get_scale() == 2.0**16 and made[-1]._get_growth_tracker() == (6 if trainer[0] == "bptt" else 12)
+
+    class StopAfterEpoch1(Recorder):
+        def on_epoch_end(self, cell, epoch, metrics):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(cell, REGISTRY, StopAfterEpoch1(), checkpoint_dir=tmp_path)
+    resumed = run_cell(cell, REGISTRY, Recorder(), checkpoint_dir=tmp_path)
+    assert {k: resumed.metrics[k] for k in stable} == {k: plain.metrics[k] for k in stable}
+    assert made[-1]._get_growth_tracker() == (6 if trainer[0] == "bptt" else 12)  # the good steps counted on from the checkpoint
+
+
+def test_a_step_with_an_inf_gradient_is_skipped_and_the_scale_halved():
+    from harness.scaling import ScaledLoss, ScaledOptimizer
+
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    opt = ScaledOptimizer(torch.optim.SGD([w], lr=0.1), scaler)
+
+    tet = REGISTRY.losses["tet"](mse_weight=0.0)
+    logits = torch.stack([w, -w]).unsqueeze(1)  # [T=2, B=1, K=2]
+    value = ScaledLoss(tet, scaler)(logits, torch.tensor([0]))
+    (true_grad,) = torch.autograd.grad(tet(logits, torch.tensor([0])), w)
+    value.backward()
+    torch.testing.assert_close(value.detach(), tet(logits.detach(), torch.tensor([0])))  # the loss's value
+    torch.testing.assert_close(w.grad, 8.0 * true_grad)  # its gradient times the scale
+    w.grad[0] = float("inf")
+    opt.step()
+    assert torch.equal(w.detach(), torch.tensor([1.0, 2.0])) and scaler.get_scale() == 4.0  # skipped, halved
+
+
+def test_float16_on_the_cpu_is_a_clear_error_naming_what_to_use():
+    from harness.devices import autocast
+    from harness.errors import HarnessError
+
+    with pytest.raises(HarnessError, match=r"precision 'float16' needs a CUDA device .* on the CPU use 'bfloat16' or 'float32'"):
+        autocast("float16", torch.device("cpu"))
+    cell = tiny_cell(0, precision="float16")
+    result = run_cell(cell, REGISTRY, Recorder())
+    assert result.status == "failed" and "needs a CUDA device" in result.error_message

@@ -12,7 +12,7 @@ from torch import nn
 
 from harness import hookimpl
 from harness.build import build_optimizer, build_scheduler, load_scheduler_state, scheduler_state
-from harness.config import OPTIMIZERS, SCHEDULES, Component, EmaConfig, OptimizerConfig, ScheduleConfig
+from harness.config import OPTIMIZERS, SCHEDULES, Component, EmaConfig, MixupConfig, OptimizerConfig, ScheduleConfig
 from harness.errors import ConfigError
 from harness.matrix import Cell
 from harness.registry import get_registry
@@ -219,13 +219,14 @@ def test_a_cell_with_a_per_iteration_warmup_schedule_steps_the_rate_at_every_bat
 
 def test_a_resumed_cell_with_every_new_option_on_ends_as_an_uninterrupted_one(tmp_path):
     """Warm-up, per-iteration cosine, AdamW without weight decay on 1-D parameters, a model EMA
-    with its warm-up, OSR with its momentum warm-up and OTS: killed after epoch 1 (its checkpoint
-    kept), the cell resumes to the uninterrupted run's metrics exactly."""
+    with its warm-up, mixup and CutMix, OSR with its momentum warm-up and OTS: killed after epoch
+    1 (its checkpoint kept), the cell resumes to the uninterrupted run's metrics exactly."""
     schedule = ScheduleConfig(per_iteration=True, warmup_epochs=1, warmup_lr=1e-4, min_lr=1e-4)
     optimizer = OptimizerConfig(name="adamw", lr=3e-3, weight_decay=0.05, filter_bias_and_bn=True, eps=1e-7)
     cell, spy, registry = _spied_cell(schedule, epochs=3)
     cell = Cell(cell.id, 0, dataclasses.replace(
         cell.config, optimizer=optimizer, ema=EmaConfig(decay=0.6, warmup=True),
+        mixup=MixupConfig(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1),
         normalizer=Component("osr", {"momentum_warmup_batches": 4}), threshold=Component("ots")), cell.axes)
     straight = run_cell(cell, registry, Recorder())
     assert straight.status == "finished", straight.error

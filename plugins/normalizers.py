@@ -1,6 +1,6 @@
 """Built-in normalizers: ``vanilla_bn`` (per-step batch normalization, docs/method.md section 4),
 ``osr`` (Online Spiking Renormalization, paper Eqs. 8-15, Algorithms 1-2, docs/method.md section 5) and
-the baselines ``bntt``, ``tdbn``, ``tebn`` (docs/method.md section 7).
+the baselines ``bntt``, ``tdbn``, ``tebn`` (docs/method.md section 7) and ``tab`` (Jiang et al. 2024).
 
 Under data-parallel training (``torch.distributed`` initialized with more than one process) every
 batch statistic is computed over the union of the processes' batches, like ``nn.SyncBatchNorm``,
@@ -383,6 +383,58 @@ class TemporalEffectiveBatchNorm(_WholeSequenceBatchNorm):
         return (self._bn(x) * self.scale[:T].view(T, *[1] * (x.ndim - 1))).to(x.dtype)
 
 
+class TemporalAccumulatedBatchNorm(SequenceModule):
+    """TAB, Temporal Accumulated Batch Normalization (Jiang et al., ICLR 2024), as the authors'
+    code computes it (``TAB_Layer`` in ``models.py`` of github.com/HaiyanJiang/SNN-TAB, commit
+    f9b94ce): step ``t`` is normalized with the statistics of the steps seen so far,
+
+        Ĩ[t] = p[t]^2 * ( gamma[t] * (I[t] - mu[1..t]) / sqrt(var[1..t] + eps) + beta[t] )
+
+    ``mu[1..t]``, ``var[1..t]``: per channel over the steps ``1..t``, the batch and space (biased
+    variance); ``gamma[t]``, ``beta[t]`` and running statistics of its own per step (the authors
+    keep one BatchNorm per step; PyTorch BN semantics: EMA with ``momentum``, unbiased running
+    variance, here of the statistics over ``1..t``); ``p[t]`` one learnable scalar per step,
+    initialised to 1 and squared. Inference: ``p[t]^2 * (gamma[t] * (I[t] - run_mean[t]) /
+    sqrt(run_var[t] + eps) + beta[t])``.
+
+    The forward is causal (step ``t`` reads steps ``1..t``), but the gradient of step ``t`` runs
+    through its statistics into every earlier step's input: online training, which frees a step's
+    graph before the next, cannot give it. So TAB runs on the whole sequence (BPTT) only, and the
+    matrix skips it under the online trainer with that reason. Works on ``[T, B, C]`` as well as
+    ``[T, B, C, ...]`` (the authors' layer takes images only).
+    """
+
+    synchronized_statistics = True  # statistics of the union batch under torch.distributed (harness.snn.distributed)
+
+    step_modes = frozenset({"sequence"})
+
+    def __init__(self, num_features: int, time_steps: int, eps: Eps = 1e-5, momentum: Momentum = 0.1) -> None:
+        super().__init__()
+        self.num_features, self.steps, self.eps, self.momentum = num_features, time_steps, eps, momentum
+        self.weight = nn.Parameter(torch.ones(time_steps, num_features))
+        self.bias = nn.Parameter(torch.zeros(time_steps, num_features))
+        self.p = nn.Parameter(torch.ones(time_steps))
+        self.register_buffer("running_mean", torch.zeros(time_steps, num_features))
+        self.register_buffer("running_var", torch.ones(time_steps, num_features))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, time_steps={self.steps}, eps={self.eps}, momentum={self.momentum}"
+
+    def forward_sequence(self, x: Tensor) -> Tensor:
+        T = x.shape[0]
+        if T > self.steps:
+            raise ValueError(f"tab was built for {self.steps} time steps, got a sequence of {T}")
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        out = []
+        for t in range(T):  # the window of steps 1..t, folded into the batch; its last step is step t's output
+            window = x32[: t + 1].flatten(0, 1)
+            y = batch_norm(window, self.running_mean[t], self.running_var[t], self.weight[t], self.bias[t],
+                           self.training, self.momentum, self.eps)
+            out.append(y[t * x.shape[1]:])
+        y = torch.stack(out) * self.p[:T].square().view(T, *[1] * (x.ndim - 1))
+        return y.to(x.dtype)
+
+
 @hookimpl
 def register_normalizers(registry) -> None:
     registry.add("vanilla_bn", VanillaBatchNorm)
@@ -390,3 +442,4 @@ def register_normalizers(registry) -> None:
     registry.add("bntt", BatchNormThroughTime)
     registry.add("tdbn", ThresholdDependentBatchNorm)
     registry.add("tebn", TemporalEffectiveBatchNorm)
+    registry.add("tab", TemporalAccumulatedBatchNorm)

@@ -33,7 +33,7 @@ def test_normalizer_factory_builds_a_module_with_options(registry):
 
 
 def test_unknown_name_lists_known_names_and_suggests(registry):
-    with pytest.raises(UnknownNameError, match=r"unknown normalizer 'vanila_bn'; known normalizers: bntt, osr, tdbn, tebn, vanilla_bn.*did you mean 'vanilla_bn'"):
+    with pytest.raises(UnknownNameError, match=r"unknown normalizer 'vanila_bn'; known normalizers: bntt, osr, tab, tdbn, tebn, vanilla_bn.*did you mean 'vanilla_bn'"):
         registry.normalizers["vanila_bn"]
     with pytest.raises(KeyError):  # a mapping still behaves like one
         registry.trainers["nope"]

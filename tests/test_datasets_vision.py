@@ -509,3 +509,35 @@ def test_cifar_options_are_visible_to_the_matrix(registry):
     for name in ("cifar10", "cifar100", "imagenet"):  # every default is TOML-expressible
         for opt in registry.info("dataset", name).options.values():
             assert isinstance(opt.default, (str, int, float, bool, list)), (name, opt)
+
+
+def test_a_cifar_cell_with_the_official_cutout_resumes_as_an_uninterrupted_one(tmp_path, registry, no_md5):
+    """timm's RandomErasing draws from Python's random: the checkpoint holds it, so a resumed cell
+    erases what an uninterrupted one erases."""
+    import dataclasses
+
+    from cell_support import Recorder, tiny_cell
+    from harness.config import Component
+    from harness.runner import run_cell
+
+    _fake_cifar10(tmp_path / "data", per_batch=8, n_test=8)
+    base = tiny_cell(0, epochs=2, batch_size=8)
+    cfg = dataclasses.replace(base.config, train_subset=None, dataset=Component(
+        "cifar10", {"root": str(tmp_path / "data"), "download": False, "cutout": 16, "normalize": True, "cutout_kind": "random_erasing"}))
+    cell = dataclasses.replace(base, config=cfg)
+    straight = run_cell(cell, registry, Recorder())
+    assert straight.status == "finished", straight.error
+
+    class StopAfterEpoch1(Recorder):
+        def on_epoch_end(self, cell, epoch, metrics):
+            if epoch == 1:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(cell, registry, StopAfterEpoch1(), checkpoint_dir=tmp_path / "ckpt")
+    resumed = run_cell(cell, registry, Recorder(), checkpoint_dir=tmp_path / "ckpt")
+    for key in ("train_loss", "train_top1", "test_loss", "test_top1"):
+        assert resumed.metrics[key] == straight.metrics[key], key
+    square = run_cell(dataclasses.replace(cell, config=dataclasses.replace(cfg, dataset=Component(
+        "cifar10", {**cfg.dataset.options, "cutout_kind": "square"}))), registry, Recorder())
+    assert square.metrics["train_loss"] != straight.metrics["train_loss"]  # the option reaches the pipeline

@@ -14,6 +14,26 @@ class Recorder(RecordingHook):
     an argument the plugin API does not have (the kit's :class:`harness.testing.RecordingHook`)."""
 
 
+class StopAfterEpoch1(Recorder):
+    """Stops the cell as Ctrl-C would, once epoch 1 is checkpointed and told."""
+
+    def on_epoch_end(self, cell, epoch, metrics):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+
+def interrupted_then_resumed(cell: Cell, registry: Any, checkpoint_dir: Any) -> Any:
+    """Run ``cell`` until the end of epoch 1 (its checkpoint kept), then again from the
+    checkpoint to its end; returns the resumed run's result."""
+    import pytest
+
+    from harness.runner import run_cell
+
+    with pytest.raises(KeyboardInterrupt):
+        run_cell(cell, registry, StopAfterEpoch1(), checkpoint_dir=checkpoint_dir)
+    return run_cell(cell, registry, Recorder(), checkpoint_dir=checkpoint_dir)
+
+
 def tiny_cell(seed: int = 0, *, epochs: int = 1, batch_size: int = 32, **kw: Any) -> Cell:
     """A digits cell small enough to train in a second: vgg_small 4-8, T = 2, 384 samples, on the
     CPU (bit-identical comparisons; ``device=`` overrides)."""

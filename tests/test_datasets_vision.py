@@ -516,7 +516,7 @@ def test_a_cifar_cell_with_the_official_cutout_resumes_as_an_uninterrupted_one(t
     erases what an uninterrupted one erases."""
     import dataclasses
 
-    from cell_support import Recorder, tiny_cell
+    from cell_support import Recorder, interrupted_then_resumed, tiny_cell
     from harness.config import Component
     from harness.runner import run_cell
 
@@ -528,14 +528,7 @@ def test_a_cifar_cell_with_the_official_cutout_resumes_as_an_uninterrupted_one(t
     straight = run_cell(cell, registry, Recorder())
     assert straight.status == "finished", straight.error
 
-    class StopAfterEpoch1(Recorder):
-        def on_epoch_end(self, cell, epoch, metrics):
-            if epoch == 1:
-                raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_cell(cell, registry, StopAfterEpoch1(), checkpoint_dir=tmp_path / "ckpt")
-    resumed = run_cell(cell, registry, Recorder(), checkpoint_dir=tmp_path / "ckpt")
+    resumed = interrupted_then_resumed(cell, registry, tmp_path / "ckpt")
     for key in ("train_loss", "train_top1", "test_loss", "test_top1"):
         assert resumed.metrics[key] == straight.metrics[key], key
     square = run_cell(dataclasses.replace(cell, config=dataclasses.replace(cfg, dataset=Component(

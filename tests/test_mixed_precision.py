@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from cell_support import Recorder, tiny_cell
+from cell_support import Recorder, interrupted_then_resumed, tiny_cell
 from harness import get_registry
 from harness.config import Component
 from harness.runner import run_cell
@@ -204,14 +204,7 @@ def test_a_loss_scaled_float32_cell_is_the_unscaled_one_bit_for_bit_and_resumes_
     assert {k: scaled.metrics[k] for k in stable} == {k: plain.metrics[k] for k in stable}
     assert made and made[-1].get_scale() == 2.0**16 and made[-1]._get_growth_tracker() == (6 if trainer[0] == "bptt" else 12)
 
-    class StopAfterEpoch1(Recorder):
-        def on_epoch_end(self, cell, epoch, metrics):
-            if epoch == 1:
-                raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_cell(cell, REGISTRY, StopAfterEpoch1(), checkpoint_dir=tmp_path)
-    resumed = run_cell(cell, REGISTRY, Recorder(), checkpoint_dir=tmp_path)
+    resumed = interrupted_then_resumed(cell, REGISTRY, tmp_path)
     assert {k: resumed.metrics[k] for k in stable} == {k: plain.metrics[k] for k in stable}
     assert made[-1]._get_growth_tracker() == (6 if trainer[0] == "bptt" else 12)  # the good steps counted on from the checkpoint
 

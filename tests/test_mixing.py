@@ -16,7 +16,7 @@ from harness.registry import get_registry
 from harness.runner import run_cell
 from snn_harness_plugins.losses import TETLoss
 
-from cell_support import Recorder, tiny_cell
+from cell_support import Recorder, interrupted_then_resumed, tiny_cell
 
 
 def test_tet_on_one_hot_soft_targets_is_tet_on_the_labels_and_on_soft_ones_the_formula():
@@ -112,14 +112,7 @@ def test_a_cell_trains_on_mixed_batches_and_a_resume_draws_the_same_mixes(traine
     assert straight.status == "finished", straight.error
     assert straight.metrics["train_loss"] != plain.metrics["train_loss"]
 
-    class StopAfterEpoch1(Recorder):
-        def on_epoch_end(self, cell, epoch, metrics):
-            if epoch == 1:
-                raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run_cell(cell, registry, StopAfterEpoch1(), checkpoint_dir=tmp_path)
-    resumed = run_cell(cell, registry, Recorder(), checkpoint_dir=tmp_path)
+    resumed = interrupted_then_resumed(cell, registry, tmp_path)
     for key in ("train_loss", "train_top1", "test_top1", "test_loss"):
         assert resumed.metrics[key] == straight.metrics[key], key
 

@@ -19,7 +19,7 @@ from harness.registry import get_registry
 from harness.runner import run_cell
 from snn_harness_plugins.trainers import BPTTTrainer
 
-from cell_support import Recorder, tiny_cell
+from cell_support import Recorder, interrupted_then_resumed, tiny_cell
 
 
 def _net() -> nn.Module:
@@ -231,15 +231,8 @@ def test_a_resumed_cell_with_every_new_option_on_ends_as_an_uninterrupted_one(tm
     straight = run_cell(cell, registry, Recorder())
     assert straight.status == "finished", straight.error
 
-    class StopAfterEpoch1(Recorder):  # as Ctrl-C would, once epoch 1 is checkpointed
-        def on_epoch_end(self, cell, epoch, metrics):
-            if epoch == 1:
-                raise KeyboardInterrupt
-
     _, resumed_spy, registry = _spied_cell(schedule)
-    with pytest.raises(KeyboardInterrupt):
-        run_cell(cell, registry, StopAfterEpoch1(), checkpoint_dir=tmp_path)
-    resumed = run_cell(cell, registry, Recorder(), checkpoint_dir=tmp_path)
+    resumed = interrupted_then_resumed(cell, registry, tmp_path)
     assert resumed.status == "finished" and resumed.epochs_completed == 3, resumed.error
     stable = {k: v for k, v in straight.metrics.items() if not any(t in k for t in ("time", "per_s", "per_iter", "rss"))}
     assert {k: resumed.metrics[k] for k in stable} == stable

@@ -164,8 +164,11 @@ def _match_lazy_buffers(copy: nn.Module, model: nn.Module) -> None:
     """Give ``copy`` the model's value of every buffer whose shape the model changed since the
     copy was made (a buffer sized at the first training step): it has no average yet."""
     for name, buf in model.named_buffers():
-        mine = copy.get_buffer(name)
-        if mine.shape != buf.shape:
+        try:
+            mine = copy.get_buffer(name)
+        except AttributeError:  # registered at the first step
+            mine = None
+        if mine is None or mine.shape != buf.shape:
             owner, _, leaf = name.rpartition(".")
             copy.get_submodule(owner)._buffers[leaf] = buf.detach().clone()
 

@@ -62,7 +62,7 @@ def load_dataset(config: CellConfig, registry: Registry) -> DatasetBundle:
 
 def build_model(config: CellConfig, registry: Registry, data: DatasetBundle) -> nn.Module:
     """The cell's model from the registry, its normalizers and LIF neurons (with the cell's
-    threshold policy) made by a :class:`harness.snn.LayerFactory`."""
+    threshold policy and membrane normalization) made by a :class:`harness.snn.LayerFactory`."""
     norm = config.normalizer
     norm_info = registry.normalizers.info(norm.name)
     provided = {"time_steps": config.time_steps, "v_threshold": config.threshold.options.get("theta", 1.0)}
@@ -71,12 +71,13 @@ def build_model(config: CellConfig, registry: Registry, data: DatasetBundle) -> 
     neuron_cfg = config.neuron
     layers = LayerFactory(
         normalizer=lambda c: registry.normalizers[norm.name](num_features=c, **norm_extra, **norm.options),
-        neuron=lambda: LIFNeuron(
+        neuron=lambda num_features=None: LIFNeuron(
             registry.thresholds[policy.name](**policy.options),
             tau=neuron_cfg.tau,
             reset=neuron_cfg.reset,
             surrogate_alpha=neuron_cfg.surrogate_alpha,
             detach_reset=neuron_cfg.detach_reset,
+            membrane_norm=build_membrane_norm(config, registry, num_features),
         ),
     )
     return registry.models[config.model.name](
@@ -86,6 +87,26 @@ def build_model(config: CellConfig, registry: Registry, data: DatasetBundle) -> 
         layers=layers,
         **config.model.options,
     )
+
+
+def build_membrane_norm(config: CellConfig, registry: Registry, num_features: int | None) -> nn.Module | None:
+    """The membrane normalization of one neuron with ``num_features`` channels (``None`` for the
+    plain LIF: ``membrane_norm = "none"``, whose factory returns ``None``).
+
+    :raises HarnessError: the cell has a membrane normalization, and the model built the neuron
+        without its number of channels (``layers.neuron()`` instead of ``layers.neuron(C)``).
+    """
+    mn = config.membrane_norm
+    info = registry.membrane_norms.info(mn.name)
+    if num_features is None:
+        if mn.name == "none":
+            return None
+        raise HarnessError(
+            f"membrane_norm {mn.name!r} has per-channel parameters, but model {config.model.name!r} builds its neurons "
+            "with layers.neuron() and no number of channels: the model must call layers.neuron(C), C being the "
+            "channels (features) the neuron receives (docs/plugins.md, section 4)")
+    extra = {"time_steps": config.time_steps} if info.takes("time_steps") else {}
+    return info.factory(num_features=num_features, **extra, **mn.options)
 
 
 def build_optimizer(model_or_params: nn.Module | Any, cfg: OptimizerConfig) -> torch.optim.Optimizer:

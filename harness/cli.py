@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="run finished cells again whose recorded code differs from the installed code")
 
     lst = sub.add_parser("list", help="list the installed plugins by kind")
-    lst.add_argument("--kind", default=None, help="only this kind (normalizer, threshold, trainer, loss, model, dataset)")
+    lst.add_argument("--kind", default=None, help="only this kind (normalizer, threshold, membrane_norm, trainer, loss, model, dataset)")
 
     rep = sub.add_parser("report", help="comparison table of a matrix from MLflow (also writes summary.md/csv and plots)")
     common(rep)
@@ -356,7 +356,8 @@ def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
     kinds = [args.kind] if args.kind else list(KINDS)
     console = Console(soft_wrap=False, width=200 if not sys.stdout.isatty() else None)
     for kind in kinds:
-        table = Table(title={"loss": "losses"}.get(kind, f"{kind}s"), title_justify="left", show_lines=False)
+        table = Table(title={"loss": "losses", "membrane_norm": "membrane normalizations (membrane_norm)"}.get(kind, f"{kind}s"),
+                      title_justify="left", show_lines=False)
         for col in ("name", "plugin", "package", "step modes", "options", "description"):
             table.add_column(col, overflow="fold")
         for name in registry.table(kind):

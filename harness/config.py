@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from harness.validate import Range
 
-COMPONENT_KINDS = ("dataset", "model", "normalizer", "threshold", "trainer", "loss")
+COMPONENT_KINDS = ("dataset", "model", "normalizer", "threshold", "membrane_norm", "trainer", "loss")
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,7 @@ class CellConfig:
     batch_size: int
     time_steps: int
     threshold: Component = Component("fixed")
+    membrane_norm: Component = Component("none")  # a normalization inside the neuron step (MPBN); none: the plain LIF
     loss: Component = Component("tet")
     seed: int = 0
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", "mps"; under torchrun: each process's own GPU
@@ -170,7 +171,7 @@ LATER_KEYS: dict[str, Any] = {
     "lr_schedule.warmup_lr": 1e-5, "lr_schedule.per_iteration": False,
     "ema.decay": 0.0, "ema.warmup": False, "ema.buffers": "average",
     "mixup.mixup_alpha": 0.0, "mixup.cutmix_alpha": 0.0, "mixup.prob": 1.0, "mixup.switch_prob": 0.5, "mixup.mode": "batch",
-    "mixup.label_smoothing": 0.0,
+    "mixup.label_smoothing": 0.0, "membrane_norm.name": "none",
 }  # fmt: skip
 
 

@@ -76,6 +76,23 @@ def register_thresholds(registry: Registrar) -> None:
 
 
 @hookspec
+def register_membrane_norms(registry: Registrar) -> None:
+    """Contribute membrane normalizations: ``factory(num_features: int, **options) -> MembraneNorm | None``.
+
+    A membrane normalization (:class:`harness.snn.MembraneNorm`, e.g. MPBN) acts *inside* the
+    neuron step, on the membrane potential after charging and before firing: the threshold
+    policy sees its output and the neuron fires on it. The cell chooses one with the key
+    ``membrane_norm`` (default ``"none"``: the plain LIF, whose factory returns ``None``). A
+    factory that takes ``time_steps`` receives the cell's ``T``. ``num_features`` is what the
+    model passes to ``layers.neuron(C)``. The module's ``step_modes`` and ``carry`` (which
+    potential the neuron goes on with after the reset) are declared as class or instance
+    attributes.
+
+    :param registry: call ``registry.add(name, factory)`` once per membrane normalization.
+    """
+
+
+@hookspec
 def register_trainers(registry: Registrar) -> None:
     """Contribute trainers: ``factory(**options) -> Trainer`` (:class:`harness.training.Trainer`).
 
@@ -100,8 +117,10 @@ def register_models(registry: Registrar) -> None:
     """Contribute models: ``factory(in_channels, num_classes, input_size, layers, **options)``.
 
     ``layers`` is a :class:`harness.snn.LayerFactory`: ``layers.normalizer(C)`` and
-    ``layers.neuron()`` build the matrix cell's normalizer and LIF neuron (with its threshold
-    policy), so that any normalizer and threshold policy fit in any model. The factory returns an
+    ``layers.neuron(C)`` build the matrix cell's normalizer and LIF neuron (with its threshold
+    policy and membrane normalization) for ``C`` channels, so that any normalizer, threshold
+    policy and membrane normalization fit in any model (``layers.neuron()`` without ``C`` serves
+    only cells without a membrane normalization). The factory returns an
     ``nn.Module`` that follows the step protocol, usually a :class:`harness.snn.SpikingSequential`.
 
     :param registry: call ``registry.add(name, factory)`` once per model.

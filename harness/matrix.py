@@ -86,7 +86,7 @@ from harness.errors import ConfigError, IncompatibleCellError, UnknownNameError,
 TOP_KEYS = ("name", "description", "defaults", "matrix", "exclude", "override", "options", "tracking", "execution")
 NESTED = {f.name: f.type for f in dataclasses.fields(CellConfig) if f.name in ("optimizer", "lr_schedule", "neuron", "ema", "mixup")}
 _HINTS = typing.get_type_hints(CellConfig, include_extras=True)
-_DEFAULT_COMPONENTS = {"threshold": "fixed", "loss": "tet"}
+_DEFAULT_COMPONENTS = {"threshold": "fixed", "membrane_norm": "none", "loss": "tet"}
 _POSITIVE = ("epochs", "batch_size", "time_steps", "train_subset", "eval_batch_size", "max_train_batches", "max_eval_batches")
 _MODE_WORDS = {"single": "one step at a time", "sequence": "on the whole sequence"}
 
@@ -634,9 +634,10 @@ def _resolve(
 
 
 def _incompatibility(config: CellConfig, catalog: Catalog) -> str | None:
-    infos = {kind: catalog.info(kind, getattr(config, kind).name) for kind in ("trainer", "normalizer", "threshold", "model")}
+    kinds = ("normalizer", "threshold", "membrane_norm", "model")
+    infos = {kind: catalog.info(kind, getattr(config, kind).name) for kind in ("trainer", *kinds)}
     modes = set(infos["trainer"].step_modes)
-    for kind in ("normalizer", "threshold", "model"):
+    for kind in kinds:
         info = infos[kind]
         if not modes & set(info.step_modes):
             need = " or ".join(_MODE_WORDS[m] for m in sorted(info.step_modes))

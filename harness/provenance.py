@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from harness.atomic import atomic_write
+from harness.config import COMPONENT_KINDS
 
 HARNESS_DISTRIBUTION = "snn-harness"
-KINDS = ("dataset", "model", "normalizer", "threshold", "trainer", "loss")
+KINDS = COMPONENT_KINDS  # every kind of component a cell names
 
 
 class Provenance:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from harness.config import COMPONENT_KINDS
 from harness.errors import ConfigError, HarnessError
 from harness.events import (CellEvent, CellResult, Delivery, EventSender, ObserverFailed, checkpoint_done, error_message,
                             interrupts_deferred)
@@ -229,7 +230,7 @@ def missing_plugins(cell: Any, registry: Any) -> None:
     from harness.errors import UnknownNameError
 
     cfg = cell.config
-    for kind in ("normalizer", "threshold", "trainer", "loss", "model", "dataset"):
+    for kind in COMPONENT_KINDS:
         name = getattr(cfg, kind).name
         try:
             registry.info(kind, name)

@@ -26,6 +26,7 @@ KINDS: dict[str, str] = {
     # kind -> registration hook
     "normalizer": "register_normalizers",
     "threshold": "register_thresholds",
+    "membrane_norm": "register_membrane_norms",
     "trainer": "register_trainers",
     "loss": "register_losses",
     "model": "register_models",
@@ -38,6 +39,7 @@ STEP_MODES = frozenset({"single", "sequence"})
 INJECTED: dict[str, frozenset[str]] = {
     "normalizer": frozenset({"num_features", "time_steps", "v_threshold"}),
     "threshold": frozenset(),
+    "membrane_norm": frozenset({"num_features", "time_steps"}),
     "trainer": frozenset(),
     "loss": frozenset(),
     "model": frozenset({"in_channels", "num_classes", "input_size", "layers"}),
@@ -136,6 +138,7 @@ class Registry:
 
     normalizers = property(lambda self: self._tables["normalizer"])
     thresholds = property(lambda self: self._tables["threshold"])
+    membrane_norms = property(lambda self: self._tables["membrane_norm"])
     trainers = property(lambda self: self._tables["trainer"])
     losses = property(lambda self: self._tables["loss"])
     models = property(lambda self: self._tables["model"])

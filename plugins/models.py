@@ -29,7 +29,7 @@ def vgg_small(
     size = min(input_size)
     c_in = in_channels
     for i, c in enumerate(channels):
-        body += [nn.Conv2d(c_in, c, kernel_size=3, padding=1, bias=True), layers.normalizer(c), layers.neuron()]
+        body += [nn.Conv2d(c_in, c, kernel_size=3, padding=1, bias=True), layers.normalizer(c), layers.neuron(c)]
         if i < len(channels) - 1 and size >= 2:
             body.append(AvgPool(2))
             size //= 2

@@ -3,8 +3,8 @@
 (github.com/zhuyaoyu/SNN-online-normalization, ``models/``) with the harness's step protocol.
 
 Every normalizer and neuron comes from the cell's :class:`harness.snn.LayerFactory`
-(``layers.normalizer(C)``, ``layers.neuron()``), so any registered normalizer and threshold policy
-fits. Each model maps ``[T, B, C, H, W]`` to logits ``[T, B, classes]`` in sequence mode and
+(``layers.normalizer(C)``, ``layers.neuron(C)``), so any registered normalizer, threshold policy
+and membrane normalization fits. Each model maps ``[T, B, C, H, W]`` to logits ``[T, B, classes]`` in sequence mode and
 ``[B, C, H, W]`` to ``[B, classes]`` in single mode (both modes for all four models; a
 sequence-only normalizer such as ``tdbn`` restricts the cell to sequence mode, as usual).
 
@@ -36,7 +36,7 @@ Build one by name from Python (the injected arguments come from the data set in 
     registry = get_registry()
     layers = LayerFactory(
         normalizer=lambda c: registry.normalizers["osr"](num_features=c),
-        neuron=lambda: LIFNeuron(registry.thresholds["ots"](theta=1.0)),
+        neuron=lambda c=None: LIFNeuron(registry.thresholds["ots"](theta=1.0)),
     )
     net = registry.models["vggsnn"](in_channels=3, num_classes=10, input_size=(32, 32), layers=layers)
 
@@ -160,9 +160,10 @@ def _conv(c_in: int, c_out: int, kernel: int, stride: int = 1, bias: bool = True
     return conv
 
 
-def _spiking(layers: LayerFactory, dropout: float) -> list[nn.Module]:
-    """A neuron, followed by neuron dropout when ``dropout > 0``."""
-    return [layers.neuron(), SequenceDropout(dropout)] if dropout > 0 else [layers.neuron()]
+def _spiking(layers: LayerFactory, channels: int, dropout: float) -> list[nn.Module]:
+    """A neuron for ``channels`` channels, followed by neuron dropout when ``dropout > 0``."""
+    neuron = layers.neuron(channels)
+    return [neuron, SequenceDropout(dropout)] if dropout > 0 else [neuron]
 
 
 def _vector_normalizer(layers: LayerFactory, features: int) -> SpikingSequential:
@@ -222,12 +223,12 @@ def vggsnn(
             body.append(AvgPool(2))
             continue
         assert isinstance(v, int)
-        body += [_conv(c, v, 3, zero_bias=True), layers.normalizer(v), *_spiking(layers, dropout)]
+        body += [_conv(c, v, 3, zero_bias=True), layers.normalizer(v), *_spiking(layers, v, dropout)]
         c = v
     body += [GlobalAvgPool()]
     for hidden in classifier:
         h = int(hidden)
-        body += [_linear_n001(c, h), _vector_normalizer(layers, h), *_spiking(layers, classifier_dropout)]
+        body += [_linear_n001(c, h), _vector_normalizer(layers, h), *_spiking(layers, h, classifier_dropout)]
         c = h
     body.append(_linear_n001(c, num_classes))
     return SpikingSequential(*body)
@@ -252,13 +253,13 @@ def _resnet19_block(layers: LayerFactory, c_in: int, c_out: int, stride: int, dr
     branch = SpikingSequential(
         _conv(c_in, c_out, 3, stride, bias),
         layers.normalizer(c_out),
-        *_spiking(layers, dropout),
+        *_spiking(layers, c_out, dropout),
         _conv(c_out, c_out, 3, 1, bias),
     )
     shortcut = None
     if stride != 1 or c_in != c_out:
         shortcut = SpikingSequential(_conv(c_in, c_out, 1, stride, bias), layers.normalizer(c_out))
-    post = SpikingSequential(layers.normalizer(c_out), *_spiking(layers, dropout))
+    post = SpikingSequential(layers.normalizer(c_out), *_spiking(layers, c_out, dropout))
     return Residual(branch, shortcut, post)
 
 
@@ -281,7 +282,7 @@ def resnet19(
     """
     h, w = _check_size("resnet19", input_size, 8)
     stages: list[nn.Module] = [
-        SpikingSequential(_conv(in_channels, 128, 3, 1, bias), layers.normalizer(128), *_spiking(layers, dropout))
+        SpikingSequential(_conv(in_channels, 128, 3, 1, bias), layers.normalizer(128), *_spiking(layers, 128, dropout))
     ]
     c = 128
     for planes, blocks, stride in ((128, 3, 1), (256, 3, 2), (512, 2, 2)):
@@ -366,19 +367,19 @@ def sew_resnet34(
         branch = SpikingSequential(
             _conv(c_in, c_out, 3, stride, bias),
             layers.normalizer(c_out),
-            *_spiking(layers, dropout),
+            *_spiking(layers, c_out, dropout),
             _conv(c_out, c_out, 3, 1, bias),
             layers.normalizer(c_out),
-            *_spiking(layers, dropout),
+            *_spiking(layers, c_out, dropout),
         )
         shortcut = None
         if stride != 1 or c_in != c_out:
             shortcut = SpikingSequential(
-                _conv(c_in, c_out, 1, stride, bias), layers.normalizer(c_out), *_spiking(layers, dropout)
+                _conv(c_in, c_out, 1, stride, bias), layers.normalizer(c_out), *_spiking(layers, c_out, dropout)
             )
         return Residual(branch, shortcut)
 
-    return _resnet34("sew_resnet34", in_channels, num_classes, input_size, layers, stem, bias, block, _spiking(layers, dropout))
+    return _resnet34("sew_resnet34", in_channels, num_classes, input_size, layers, stem, bias, block, _spiking(layers, 64, dropout))
 
 
 def nf_resnet34(
@@ -403,10 +404,10 @@ def nf_resnet34(
 
     def block(c_in: int, c_out: int, stride: int) -> Residual:
         branch = SpikingSequential(
-            *_spiking(layers, dropout),
+            *_spiking(layers, c_in, dropout),
             _conv(c_in, c_out, 3, stride, bias),
             layers.normalizer(c_out),
-            *_spiking(layers, dropout),
+            *_spiking(layers, c_out, dropout),
             _conv(c_out, c_out, 3, 1, bias),
             layers.normalizer(c_out),
         )
@@ -458,13 +459,16 @@ def build(
     normalizer_options: Mapping[str, Any] | None = None,
     threshold_options: Mapping[str, Any] | None = None,
     neuron_options: Mapping[str, Any] | None = None,
+    membrane_norm: str = "none",
+    membrane_norm_options: Mapping[str, Any] | None = None,
     registry: Any = None,
     **model_options: Any,
 ) -> nn.Module:
-    """Build model ``name`` from the registry with a named normalizer and threshold policy, the
-    way ``harness.runner.build_model`` does (a normalizer that takes ``time_steps`` or
-    ``v_threshold`` gets ``time_steps`` / the policy's ``theta``). ``neuron_options`` go to
-    :class:`LIFNeuron` (``tau``, ``reset``, ...); ``model_options`` to the model factory."""
+    """Build model ``name`` from the registry with a named normalizer, threshold policy and
+    membrane normalization, the way ``harness.build.build_model`` does (a normalizer that takes
+    ``time_steps`` or ``v_threshold`` gets ``time_steps`` / the policy's ``theta``).
+    ``neuron_options`` go to :class:`LIFNeuron` (``tau``, ``reset``, ...); ``model_options`` to
+    the model factory."""
     registry = registry if registry is not None else _registry()
     norm_opts = dict(normalizer_options or {})
     policy_opts = dict(threshold_options or {})
@@ -473,10 +477,14 @@ def build(
     norm_extra = {k: v for k, v in provided.items() if norm_info.takes(k) and k not in norm_opts}
     norm_factory, policy_factory = registry.normalizers[normalizer], registry.thresholds[threshold]
     neuron_kwargs = dict(neuron_options or {})
-    layers = LayerFactory(
-        normalizer=lambda c: norm_factory(num_features=c, **norm_extra, **norm_opts),
-        neuron=lambda: LIFNeuron(policy_factory(**policy_opts), **neuron_kwargs),
-    )
+    mn_info, mn_opts = registry.membrane_norms.info(membrane_norm), dict(membrane_norm_options or {})
+    mn_extra = {"time_steps": time_steps} if mn_info.takes("time_steps") else {}
+
+    def neuron(c: int | None = None) -> LIFNeuron:
+        mn = None if c is None and membrane_norm == "none" else mn_info.factory(num_features=c, **mn_extra, **mn_opts)
+        return LIFNeuron(policy_factory(**policy_opts), membrane_norm=mn, **neuron_kwargs)
+
+    layers = LayerFactory(normalizer=lambda c: norm_factory(num_features=c, **norm_extra, **norm_opts), neuron=neuron)
     return registry.models[name](
         in_channels=in_channels, num_classes=num_classes, input_size=tuple(input_size), layers=layers, **model_options
     )

@@ -1,6 +1,8 @@
 """Built-in normalizers: ``vanilla_bn`` (per-step batch normalization, docs/method.md section 4),
 ``osr`` (Online Spiking Renormalization, paper Eqs. 8-15, Algorithms 1-2, docs/method.md section 5) and
-the baselines ``bntt``, ``tdbn``, ``tebn`` (docs/method.md section 7) and ``tab`` (Jiang et al. 2024).
+the baselines ``bntt``, ``tdbn``, ``tebn`` (docs/method.md section 7) and ``tab`` (Jiang et al. 2024);
+and the membrane normalizations, which act inside the neuron step: ``none`` (the plain LIF) and
+``mpbn`` (Membrane Potential Batch Normalization, Guo et al. 2023; docs/method.md section 10).
 
 Under data-parallel training (``torch.distributed`` initialized with more than one process) every
 batch statistic is computed over the union of the processes' batches, like ``nn.SyncBatchNorm``,
@@ -15,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from harness import Range, hookimpl
-from harness.snn import SequenceModule
+from harness.snn import MembraneNorm, SequenceModule
 from harness.snn.distributed import batch_norm, is_synchronized, stats_group, synced_moments
 from harness.snn.fused import NormSpec, channel_view, per_step_norm
 
@@ -433,6 +435,91 @@ class TemporalAccumulatedBatchNorm(SequenceModule):
             out.append(y[t * x.shape[1]:])
         y = torch.stack(out) * self.p[:T].square().view(T, *[1] * (x.ndim - 1))
         return y.to(x.dtype)
+
+
+class MembranePotentialBatchNorm(MembraneNorm):
+    """MPBN, Membrane Potential Batch Normalization (Guo et al., ICCV 2023; docs/method.md
+    section 10): a second batch normalization, on the membrane potential after charging and before
+    firing.
+
+    At every step ``t``, ``n[t] = gamma * (u[t] - mu) / sqrt(var + eps) + beta``, per channel.
+    Training: ``mu``, ``var`` are the batch mean and biased variance of ``u[t]`` (over batch and
+    space), and the running statistics are updated at every step, ``run = (1 - momentum) * run +
+    momentum * new`` with the unbiased variance (PyTorch's ``BatchNorm`` called once per step, as
+    SpikingJelly's ``MPBNLIFNode`` and the authors' code do: ``T`` updates per batch, one
+    ``num_batches_tracked`` count per step). Evaluation: the running statistics. One ``gamma``,
+    ``beta`` and one set of running statistics serve every step.
+
+    ``carry``: the potential the neuron goes on with after the reset. ``"normalized"`` (default):
+    ``n[t]``, as SpikingJelly's ``MPBNLIFNode`` (any reset). ``"raw"``: ``u[t]``, as the authors'
+    code (``mem = mem * (1 - spike)`` on the potential before the BN; hard reset only). With
+    ``"raw"`` the BN only decides who fires, so in evaluation, where it is a fixed affine map,
+    it folds into a per-channel threshold: ``n[t] >= theta`` is ``u[t] >= theta'`` with
+    ``theta' = mu + (theta - beta) sqrt(var + eps) / gamma`` for ``gamma > 0``
+    (:meth:`folded_threshold`), a plain LIF at inference.
+
+    :param eps: added to the variance (PyTorch's and SpikingJelly's 1e-5).
+    :param momentum: of the running statistics, per step (PyTorch's 0.1).
+    :param affine: learn ``gamma`` (initialised to 1) and ``beta`` (0).
+    :param carry: ``"normalized"`` or ``"raw"``, as above.
+    """
+
+    synchronized_statistics = True  # statistics of the union batch under torch.distributed (harness.snn.distributed)
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: Eps = 1e-5,
+        momentum: Momentum = 0.1,
+        affine: bool = True,
+        carry: Literal["normalized", "raw"] = "normalized",
+    ) -> None:
+        super().__init__()
+        if carry not in ("normalized", "raw"):
+            raise ValueError(f"carry must be 'normalized' or 'raw', got {carry!r}")
+        self.num_features, self.eps, self.momentum, self.carry = num_features, eps, momentum, carry
+        self.weight = nn.Parameter(torch.ones(num_features)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(num_features)) if affine else None
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.weight is not None}, "
+                f"carry={self.carry!r}")
+
+    def forward(self, u: Tensor, t: int) -> Tensor:
+        # u: [B, C] or [B, C, H, W]; statistics over all but the channel dimension
+        if self.training:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+        return batch_norm(u, self.running_mean, self.running_var, self.weight, self.bias, self.training, self.momentum,
+                          self.eps, group=stats_group())
+
+    @torch.no_grad()
+    def folded_threshold(self, theta: float | Tensor = 1.0) -> Tensor:
+        """The per-channel threshold ``theta' = mu + (theta - beta) sqrt(var + eps) / gamma`` on
+        the raw potential that the evaluation-mode BN followed by threshold ``theta`` amounts to
+        (running statistics; exact where ``gamma > 0``).
+
+        :raises ValueError: some ``gamma <= 0`` (there the comparison turns or is constant).
+        """
+        gamma = self.weight if self.weight is not None else torch.ones_like(self.running_mean)
+        beta = self.bias if self.bias is not None else torch.zeros_like(self.running_mean)
+        if bool((gamma <= 0).any()):
+            raise ValueError(f"{int((gamma <= 0).sum())} channel(s) have gamma <= 0: the BN does not fold into a threshold there")
+        return self.running_mean + (theta - beta) * torch.sqrt(self.running_var + self.eps) / gamma
+
+
+def no_membrane_norm(num_features: int) -> None:
+    """No normalization inside the neuron: the plain LIF (which keeps its fused path)."""
+    return None
+
+
+@hookimpl
+def register_membrane_norms(registry) -> None:
+    registry.add("none", no_membrane_norm)
+    registry.add("mpbn", MembranePotentialBatchNorm)
 
 
 @hookimpl

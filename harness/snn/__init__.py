@@ -1,6 +1,6 @@
 """Spiking building blocks and the step protocol (see ``docs/plugins.md``)."""
 
-from harness.snn.neuron import LayerFactory, LIFNeuron, SigmoidSurrogateSpike, ThresholdPolicy, spike
+from harness.snn.neuron import LayerFactory, LIFNeuron, MembraneNorm, SigmoidSurrogateSpike, ThresholdPolicy, spike
 from harness.snn.protocol import (
     STEP_MODES,
     AvgPool,
@@ -24,6 +24,7 @@ __all__ = [
     "GlobalAvgPool",
     "LIFNeuron",
     "LayerFactory",
+    "MembraneNorm",
     "SequenceAware",
     "SequenceModule",
     "SigmoidSurrogateSpike",

@@ -1,4 +1,5 @@
-"""LIF neuron (paper Eqs. 2-4, docs/method.md section 1) and the threshold-policy interface."""
+"""LIF neuron (paper Eqs. 2-4, docs/method.md section 1), the threshold-policy interface and the
+membrane-normalization interface (a normalization inside the neuron step, such as MPBN)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,34 @@ class ThresholdPolicy(SequenceAware, nn.Module):
         raise NotImplementedError
 
 
+class MembraneNorm(SequenceAware, nn.Module):
+    """A normalization inside the neuron step: between charge and fire.
+
+    ``forward(u, t)`` receives the membrane potential ``u[t]`` after charging (``[B, C]`` or
+    ``[B, C, H, W]``; ``t`` counts from 0) and returns the potential the threshold policy sees and
+    the neuron fires on, of ``u``'s shape. Per-sequence state is reset in :meth:`begin_sequence`;
+    running statistics are buffers (a checkpoint holds them).
+
+    ``carry`` says which potential the neuron goes on with after the reset:
+
+    * ``"normalized"`` -- the returned one: the reset acts on it and it is ``u[t + 1/2]``
+      (SpikingJelly's ``MPBNLIFNode``);
+    * ``"raw"`` -- the one before the normalization (MPBN's authors' code): the normalization only
+      decides which neurons fire. Only with the hard reset, ``u[t + 1/2] = u[t] (1 - s[t])``: a
+      soft reset would subtract a threshold of the normalized scale from a raw potential.
+
+    ``step_modes`` as for a normalizer: a membrane normalization that needs the whole sequence at
+    once declares ``{"sequence"}``; the neuron then runs only where both it and the threshold
+    policy can. A neuron with a membrane normalization runs its unfused path (elementwise
+    autograd operations); the normalization's own operations are recorded by autograd.
+    """
+
+    carry: Literal["normalized", "raw"] = "normalized"
+
+    def forward(self, u: Tensor, t: int) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
 class LIFNeuron(SequenceModule):
     """Leaky integrate-and-fire neuron.
 
@@ -74,6 +103,11 @@ class LIFNeuron(SequenceModule):
     a differentiable threshold policy (:attr:`ThresholdPolicy.differentiable`) or an overridden
     :meth:`membrane` selects the unfused path, elementwise autograd operations with the same
     numbers.
+
+    ``membrane_norm`` (a :class:`MembraneNorm`, e.g. MPBN) normalizes ``u[t]`` between charge and
+    fire: ``n[t] = N(u[t], t)``, ``s[t] = Heaviside(n[t] - theta[t])`` with ``theta[t]`` given
+    ``n[t]``, and the reset acts on ``n[t]`` or, where the normalization's ``carry`` is
+    ``"raw"``, on ``u[t]``.
     """
 
     emits_spikes = True
@@ -87,18 +121,33 @@ class LIFNeuron(SequenceModule):
         detach_reset: bool = True,
         detach_membrane: bool = False,
         fuse: bool = True,
+        membrane_norm: MembraneNorm | None = None,
     ) -> None:
         super().__init__()
         if tau < 1.0:
             raise ValueError(f"tau must be >= 1 (decay = 1 - 1/tau), got {tau}")
         if reset not in ("soft", "hard"):
             raise ValueError(f"reset must be 'soft' or 'hard', got {reset!r}")
+        carry = getattr(membrane_norm, "carry", "normalized")
+        if carry not in ("normalized", "raw"):
+            raise ValueError(f"{type(membrane_norm).__name__}.carry must be 'normalized' or 'raw', got {carry!r}")
+        if carry == "raw" and reset == "soft":
+            raise ValueError(
+                f"{type(membrane_norm).__name__} with carry = 'raw' (the neuron goes on with the potential before the "
+                "normalization) needs the hard reset: a soft reset would subtract a threshold of the normalized scale "
+                "from the raw potential. Set neuron.reset = \"hard\", or carry = \"normalized\"")
         self.threshold = threshold
+        self.membrane_norm = membrane_norm  # a child module: its parameters train, its buffers are in the state_dict
         self.decay = 1.0 - 1.0 / tau
         self.tau, self.reset, self.surrogate_alpha = tau, reset, surrogate_alpha
         self.detach_reset, self.detach_membrane = detach_reset, detach_membrane
         self.fuse = fuse
-        self.step_modes = threshold.step_modes  # a neuron runs where its policy can
+        # a neuron runs where its policy (and its membrane normalization) can
+        self.step_modes = frozenset(threshold.step_modes) & frozenset(getattr(membrane_norm, "step_modes", threshold.step_modes))
+        if not self.step_modes:
+            raise ValueError(f"threshold policy {type(threshold).__name__} runs {sorted(threshold.step_modes)} only and "
+                             f"membrane normalization {type(membrane_norm).__name__} {sorted(membrane_norm.step_modes)} only: "
+                             "there is no step mode they share")
         self.v: Tensor | None = None  # u[t - 1/2]
 
     def extra_repr(self) -> str:
@@ -112,18 +161,19 @@ class LIFNeuron(SequenceModule):
 
     def membrane(self, u: Tensor) -> Tensor:
         """The point between charge and fire: ``u[t]`` after charging, before the threshold policy
-        sees it. The identity here; a membrane-potential normalization (MPBN) overrides it. A
+        sees it. The identity without a membrane normalization, else ``membrane_norm(u, t)``. A
         subclass that overrides it runs the unfused path."""
-        return u
+        return u if self.membrane_norm is None else self.membrane_norm(u, self.t)
 
     @property
     def fused(self) -> bool:
         """Whether this neuron runs as one autograd node (:func:`harness.snn.fused.lif_sequence`):
-        yes unless ``fuse = False``, the threshold policy is differentiable, or :meth:`membrane`
-        is overridden. Both paths give the same numbers."""
+        yes unless ``fuse = False``, the threshold policy is differentiable, there is a membrane
+        normalization, or :meth:`membrane` is overridden. Both paths give the same numbers."""
         policy = self.threshold
         return (
             self.fuse
+            and self.membrane_norm is None
             and not getattr(policy, "differentiable", False)
             and not any(p.requires_grad for p in policy.parameters())
             and type(self).membrane is LIFNeuron.membrane
@@ -157,11 +207,13 @@ class LIFNeuron(SequenceModule):
         """One step from elementwise autograd operations, the reference of the fused node."""
         v = self._previous_potential()
         u = x if v is None else self.decay * v + x  # Eq. 2, with u[1/2] = 0
-        u = self.membrane(u)
-        theta = self.threshold(u, self.t)
-        s = spike(u - theta, self.surrogate_alpha)  # Eq. 3
+        n = self.membrane(u)
+        theta = self.threshold(n, self.t)
+        s = spike(n - theta, self.surrogate_alpha)  # Eq. 3
         s_reset = s.detach() if self.detach_reset else s
-        if self.reset == "soft":
+        if getattr(self.membrane_norm, "carry", "normalized") == "normalized":
+            u = n
+        if self.reset == "soft":  # (never with carry = "raw": refused at construction)
             self.v = u - s_reset * theta
         else:
             self.v = u * (1.0 - s_reset)  # Eq. 4
@@ -170,7 +222,11 @@ class LIFNeuron(SequenceModule):
 
 @dataclass(frozen=True)
 class LayerFactory:
-    """Builds the cell's normalizer and neuron inside a model: ``layers.normalizer(C)``, ``layers.neuron()``."""
+    """Builds the cell's normalizer and neuron inside a model: ``layers.normalizer(C)`` and
+    ``layers.neuron(C)``, ``C`` being the number of channels (features) the neuron receives.
+
+    ``layers.neuron()`` without ``C`` works while the cell has no membrane normalization; with one
+    (which has per-channel parameters) it raises an error that says to pass ``C``."""
 
     normalizer: Callable[[int], nn.Module]
-    neuron: Callable[[], nn.Module]
+    neuron: Callable[..., nn.Module]

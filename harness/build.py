@@ -97,10 +97,10 @@ def build_membrane_norm(config: CellConfig, registry: Registry, num_features: in
         without its number of channels (``layers.neuron()`` instead of ``layers.neuron(C)``).
     """
     mn = config.membrane_norm
+    if mn.name == "none":
+        return None
     info = registry.membrane_norms.info(mn.name)
     if num_features is None:
-        if mn.name == "none":
-            return None
         raise HarnessError(
             f"membrane_norm {mn.name!r} has per-channel parameters, but model {config.model.name!r} builds its neurons "
             "with layers.neuron() and no number of channels: the model must call layers.neuron(C), C being the "

@@ -587,6 +587,9 @@ def _resolve(
     kwargs: dict[str, Any] = {}
     for kind in COMPONENT_KINDS:
         name = raw.get(kind, _DEFAULT_COMPONENTS.get(kind))
+        if kind == "membrane_norm" and name == "none" and "none" not in catalog.names(kind):
+            kwargs[kind] = Component("none")  # the plain LIF, also where the built-in plugins are not loaded
+            continue
         if name is None:
             raise ConfigError(f"{where(kind)}: missing required key {kind!r} (the name of a {kind} plugin)")
         if not isinstance(name, str):
@@ -634,7 +637,8 @@ def _resolve(
 
 
 def _incompatibility(config: CellConfig, catalog: Catalog) -> str | None:
-    kinds = ("normalizer", "threshold", "membrane_norm", "model")
+    kinds = ("normalizer", "threshold", "model") if config.membrane_norm.name == "none" else (
+        "normalizer", "threshold", "membrane_norm", "model")
     infos = {kind: catalog.info(kind, getattr(config, kind).name) for kind in ("trainer", *kinds)}
     modes = set(infos["trainer"].step_modes)
     for kind in kinds:

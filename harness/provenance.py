@@ -57,6 +57,8 @@ class Provenance:
             HARNESS_DISTRIBUTION: (harness.__version__, {_package_dir("harness")}),
         }
         for kind in KINDS:
+            if kind == "membrane_norm" and config.membrane_norm.name == "none":
+                continue  # the plain LIF: no plugin's code
             info = self.registry.info(kind, getattr(config, kind).name)
             dist, _, version = info.package.rpartition(" ")
             if not dist or info.package.startswith("("):  # "(not installed)": a plugin registered from code

@@ -232,6 +232,8 @@ def missing_plugins(cell: Any, registry: Any) -> None:
     cfg = cell.config
     for kind in COMPONENT_KINDS:
         name = getattr(cfg, kind).name
+        if kind == "membrane_norm" and name == "none":
+            continue  # the plain LIF needs no plugin
         try:
             registry.info(kind, name)
         except UnknownNameError as exc:

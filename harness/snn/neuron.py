@@ -3,6 +3,7 @@ membrane-normalization interface (a normalization inside the neuron step, such a
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -230,3 +231,14 @@ class LayerFactory:
 
     normalizer: Callable[[int], nn.Module]
     neuron: Callable[..., nn.Module]
+
+    def __post_init__(self) -> None:
+        # A neuron factory written before neurons took their channels, ``lambda: LIFNeuron(...)``,
+        # keeps working: it is called without them.
+        make = self.neuron
+        try:
+            params = inspect.signature(make).parameters.values()
+        except (TypeError, ValueError):
+            return
+        if not any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params):
+            object.__setattr__(self, "neuron", lambda num_features=None: make())

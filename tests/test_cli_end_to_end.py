@@ -317,7 +317,7 @@ def test_list_shows_which_plugin_implements_which_hook_and_the_observers_a_run_r
     assert main(["list"]) == ExitCode.OK
     out = capsys.readouterr().out
     plugins = _table_rows(out, "plugins and the hooks they implement")
-    assert plugins["normalizers"] == ["snn-harness 0.1.0", "register_normalizers"]
+    assert plugins["normalizers"] == ["snn-harness 0.1.0", "register_membrane_norms, register_normalizers"]
     assert plugins["mine"] == ["(registered from code)", "register_normalizers, register_observers"]
     assert "mlflow_tracking.tracker" not in plugins
     observers = _table_rows(out, "observers (registered for each run) and the hooks they implement")

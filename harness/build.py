@@ -104,7 +104,7 @@ def build_membrane_norm(config: CellConfig, registry: Registry, num_features: in
         raise HarnessError(
             f"membrane_norm {mn.name!r} has per-channel parameters, but model {config.model.name!r} builds its neurons "
             "with layers.neuron() and no number of channels: the model must call layers.neuron(C), C being the "
-            "channels (features) the neuron receives (docs/plugins.md, section 4)")
+            "channels (features) the neuron receives (docs/plugins.md, section 3.4a)")
     extra = {"time_steps": config.time_steps} if info.takes("time_steps") else {}
     return info.factory(num_features=num_features, **extra, **mn.options)
 

@@ -139,6 +139,13 @@ class CellConfig:
 SCALAR_KEYS = tuple(f.name for f in dataclasses.fields(CellConfig) if f.name not in COMPONENT_KINDS)
 
 
+def plugin_components(config: CellConfig) -> list[tuple[str, str]]:
+    """``(kind, name)`` of every plugin the cell uses: its components, less ``membrane_norm =
+    "none"`` (the plain LIF, which needs no plugin)."""
+    return [(kind, getattr(config, kind).name) for kind in COMPONENT_KINDS
+            if not (kind == "membrane_norm" and config.membrane_norm.name == "none")]
+
+
 def flatten(config: CellConfig) -> dict[str, Any]:
     """Dotted names -> values: ``normalizer.name``, ``normalizer.momentum``, ``optimizer.lr``, ``seed``."""
     out: dict[str, Any] = {}

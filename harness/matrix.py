@@ -80,6 +80,7 @@ from harness.config import (
     Component,
     cell_id,
     flatten,
+    plugin_components,
 )
 from harness.errors import ConfigError, IncompatibleCellError, UnknownNameError, close_matches
 
@@ -637,9 +638,9 @@ def _resolve(
 
 
 def _incompatibility(config: CellConfig, catalog: Catalog) -> str | None:
-    kinds = ("normalizer", "threshold", "model") if config.membrane_norm.name == "none" else (
-        "normalizer", "threshold", "membrane_norm", "model")
-    infos = {kind: catalog.info(kind, getattr(config, kind).name) for kind in ("trainer", *kinds)}
+    infos = {kind: catalog.info(kind, name) for kind, name in plugin_components(config)
+             if kind in ("trainer", "normalizer", "threshold", "membrane_norm", "model")}
+    kinds = [k for k in ("normalizer", "threshold", "membrane_norm", "model") if k in infos]
     modes = set(infos["trainer"].step_modes)
     for kind in kinds:
         info = infos[kind]

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.atomic import atomic_write
-from harness.config import COMPONENT_KINDS
+from harness.config import COMPONENT_KINDS, plugin_components
 
 HARNESS_DISTRIBUTION = "snn-harness"
 KINDS = COMPONENT_KINDS  # every kind of component a cell names
@@ -56,10 +56,8 @@ class Provenance:
         packages: dict[str, tuple[str, set[Path]]] = {
             HARNESS_DISTRIBUTION: (harness.__version__, {_package_dir("harness")}),
         }
-        for kind in KINDS:
-            if kind == "membrane_norm" and config.membrane_norm.name == "none":
-                continue  # the plain LIF: no plugin's code
-            info = self.registry.info(kind, getattr(config, kind).name)
+        for kind, name in plugin_components(config):
+            info = self.registry.info(kind, name)
             dist, _, version = info.package.rpartition(" ")
             if not dist or info.package.startswith("("):  # "(not installed)": a plugin registered from code
                 dist, version = f"plugin:{info.plugin}", "unversioned"

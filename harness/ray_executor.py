@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.config import COMPONENT_KINDS
+from harness.config import plugin_components
 from harness.errors import ConfigError, HarnessError
 from harness.events import (CellEvent, CellResult, Delivery, EventSender, ObserverFailed, checkpoint_done, error_message,
                             interrupts_deferred)
@@ -230,10 +230,7 @@ def missing_plugins(cell: Any, registry: Any) -> None:
     from harness.errors import UnknownNameError
 
     cfg = cell.config
-    for kind in COMPONENT_KINDS:
-        name = getattr(cfg, kind).name
-        if kind == "membrane_norm" and name == "none":
-            continue  # the plain LIF needs no plugin
+    for kind, name in plugin_components(cfg):
         try:
             registry.info(kind, name)
         except UnknownNameError as exc:

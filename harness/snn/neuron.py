@@ -139,6 +139,7 @@ class LIFNeuron(SequenceModule):
                 "from the raw potential. Set neuron.reset = \"hard\", or carry = \"normalized\"")
         self.threshold = threshold
         self.membrane_norm = membrane_norm  # a child module: its parameters train, its buffers are in the state_dict
+        self._carry_raw = carry == "raw"  # the reset acts on u[t], not on the normalized potential
         self.decay = 1.0 - 1.0 / tau
         self.tau, self.reset, self.surrogate_alpha = tau, reset, surrogate_alpha
         self.detach_reset, self.detach_membrane = detach_reset, detach_membrane
@@ -212,7 +213,7 @@ class LIFNeuron(SequenceModule):
         theta = self.threshold(n, self.t)
         s = spike(n - theta, self.surrogate_alpha)  # Eq. 3
         s_reset = s.detach() if self.detach_reset else s
-        if getattr(self.membrane_norm, "carry", "normalized") == "normalized":
+        if not self._carry_raw:
             u = n
         if self.reset == "soft":  # (never with carry = "raw": refused at construction)
             self.v = u - s_reset * theta

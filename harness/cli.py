@@ -108,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=None, metavar="DIR",
                      help="write summary.md/csv and the plots under DIR/<matrix> (default: the results directory)")
     rep.add_argument("--no-write", action="store_true", help="only print the comparison: write no file (e.g. on read-only results)")
+    rep.add_argument("--difference", nargs=2, action="append", default=[], metavar=("A", "B"),
+                     help="the paired difference A - B by seed, with its 95%% interval, verdict and gap per epoch; "
+                          "A and B are axis=value[,axis=value] picking one configuration each "
+                          "(with the matrix file's [[difference]] tables; repeatable)")
 
     ui = sub.add_parser("ui", help="start the MLflow UI on the configured store (with --matrix: links to its cells)")
     common(ui, matrix_required=False)
@@ -401,7 +405,7 @@ def cmd_list(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
-    from harness import report, summary, tracking
+    from harness import differences, report, summary, tracking
     from harness.matrix import read_toml
     from harness.session import DEFAULT_EXPERIMENT, check_tracking, resolve_tracking_uri, store_to_read
 
@@ -423,13 +427,25 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
         return ExitCode.NO_CELLS
     axes = tracking.matrix_axes(uri, experiment, name)
     entries = report.compare(rows, axes)
+    wanted = differences.read_differences(data.get("difference"), str(args.matrix), axes) + [
+        differences.Difference(name=f"{a} - {b}", a=differences.parse_side(a), b=differences.parse_side(b))
+        for a, b in args.difference]
+    for diff in wanted:
+        for side in (diff.a, diff.b):
+            if unknown := [k for k in side if k not in axes]:
+                raise ConfigError(f"difference {diff.name!r}: {unknown[0]!r} is not an axis of matrix {name!r}; "
+                                  f"its axes: {', '.join(a for a in axes if a != 'seed')}")
     written: list[Path] = []
     out = (Path(args.out) if args.out else results_dir) / name
+    compared = [differences.paired_difference(rows, d) for d in wanted]
     if not args.no_write:
         try:
             summary.write_summary(out, rows, merge_existing=False, title=f"Matrix {name} (from MLflow)")
-            history = tracking.report_history(uri, rows, ("test_top1",))
+            metrics = tuple(dict.fromkeys(["test_top1", *(d.metric for d in wanted)]))
+            history = tracking.report_history(uri, rows, metrics)
             written = [out / "summary.md", out / "summary.csv", *report.write_plots(out, rows, history, axes)]
+            if wanted:
+                written += differences.write_differences(out, rows, history, wanted)[1]
         except OSError as exc:
             raise HarnessError(f"cannot write the report into {out} ({exc.strerror or exc}): --out DIR writes it "
                                "elsewhere, --no-write only prints it") from None
@@ -437,6 +453,9 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
         _print_comparison(entries, f"matrix {name}: {len(rows)} cell(s), {len(entries)} finished configuration(s)")
     else:
         print(report.format_comparison(entries, args.format))
+    if compared:
+        print("\npaired differences (a - b by seed; 95% Student-t interval; 'unresolved' when it spans 0):")
+        print(differences.format_differences(compared, "csv" if args.format == "csv" else "markdown"))
     failed = [r for r in rows if r.get("status") != "finished"]
     if failed:
         print(f"{len(failed)} cell(s) not finished:", file=sys.stderr)

@@ -38,6 +38,11 @@ Schema (every key is checked; errors name the file, the section, the key and wha
     where = { normalizer = "osr", threshold = "fixed" }
     "optimizer.weight_decay" = 2e-4 # keys as the axes name them; not an axis of [matrix]
 
+    [[difference]]                  # a paired comparison `harness report` makes (harness.differences)
+    name = "osr_minus_vanilla"      # a - b by seed, its 95% interval and verdict, the gap per epoch
+    a = { normalizer = "osr" }      # each side: axis values that pick one configuration
+    b = { normalizer = "vanilla_bn" }
+
     [options.normalizer.osr]        # options of one plugin, checked against its factory's signature
     momentum = 0.1
 
@@ -83,8 +88,9 @@ from harness.config import (
     plugin_components,
 )
 from harness.errors import ConfigError, IncompatibleCellError, UnknownNameError, close_matches
+from harness.differences import Difference, check_against, read_differences
 
-TOP_KEYS = ("name", "description", "defaults", "matrix", "exclude", "override", "options", "tracking", "execution")
+TOP_KEYS = ("name", "description", "defaults", "matrix", "exclude", "override", "difference", "options", "tracking", "execution")
 NESTED = {f.name: f.type for f in dataclasses.fields(CellConfig) if f.name in ("optimizer", "lr_schedule", "neuron", "ema", "mixup")}
 _HINTS = typing.get_type_hints(CellConfig, include_extras=True)
 _DEFAULT_COMPONENTS = {"threshold": "fixed", "membrane_norm": "none", "loss": "tet"}
@@ -182,6 +188,7 @@ class Matrix:
     filtered_out: int  # cells dropped by --only
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    differences: list[Difference] = field(default_factory=list)  # [[difference]]: what `harness report` pairs
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -295,6 +302,7 @@ def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequenc
         axes = {"seed": seeds, **axes}
     excludes = _read_excludes(data.get("exclude", []), source)
     overrides_rules = _read_overrides(data.get("override", []), source, axes)
+    differences = read_differences(data.get("difference"), source, axes)
     options = _read_options(data.get("options", {}), catalog, source)
     for key, values in axes.items():  # an option axis names a real plugin and option, with good values
         if key.startswith("options."):
@@ -376,7 +384,10 @@ def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequenc
         filtered_out=filtered,
         tracking=tracking,
         execution=execution,
+        differences=differences,
     )
+    if differences and not filters:  # (with --only, a side's cells may just not be selected)
+        check_against(differences, [c.axes for c in cells], source)
     if not cells and skipped:
         reasons = "\n".join(f"  - [{c.label}]: {c.skip_reason}" for c in skipped)
         raise IncompatibleCellError(f"{source}: every selected cell is impossible:\n{reasons}")

@@ -140,6 +140,45 @@ def plot_accuracy_curves(
     return _save(_accuracy_figure(curves, title=title), path)
 
 
+def plot_gap_per_epoch(
+    series: Mapping[str, Sequence[tuple[int, float, float | None, float | None, int]]],
+    path: str | Path,
+    *,
+    ylabel: str = "difference a - b",
+    title: str = "Paired difference per epoch",
+) -> Path:
+    """The paired difference of two configurations at each epoch, with its interval as a band.
+
+    ``series[label]`` holds ``(epoch, mean, low, high, n)`` as :func:`harness.differences.gap_per_epoch`
+    returns them: the mean over the paired seeds of ``a - b`` and its interval (``None`` where fewer
+    than two seeds pair: no band there). A line at 0 marks where the order of the two turns.
+
+    :raises ValueError: if ``series`` is empty or holds no point.
+    """
+    name = "plot_gap_per_epoch"
+    items = _items(name, series, "series")
+    _require_points(name, "series", (len(pts) for _, pts in items))
+    (fig, (ax,)) = _line_figure(len(items), title=title)
+    colors = _palette(len(items))
+    ax.axhline(0.0, color="0.4", linewidth=1.0, linestyle="--")
+    for i, (label, pts) in enumerate(items):
+        epochs = np.array([p[0] for p in pts], dtype=float)
+        mean = np.array([p[1] for p in pts], dtype=float)
+        low = np.array([np.nan if p[2] is None else p[2] for p in pts], dtype=float)
+        high = np.array([np.nan if p[3] is None else p[3] for p in pts], dtype=float)
+        n = max(p[4] for p in pts)
+        _plot_line(ax, i, len(items), f"{label} (n={n})", epochs, mean)
+        band = np.isfinite(low) & np.isfinite(high)
+        if band.any():
+            ax.fill_between(epochs, low, high, where=band, color=colors[i % len(colors)], alpha=0.18, linewidth=0,
+                            label=None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _finish_line_axes(fig, [ax], len(items))
+    return _save(fig, path)
+
+
 def plot_membrane_histograms(
     values: Mapping[str, Sequence[Sequence[float]]],
     path: str | Path,

@@ -334,7 +334,7 @@ def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequenc
         _set_values(raw, raw_options, overrides, source, "axis")
         config = _resolve(raw, raw_options, catalog, source, set(axes))
         flat = flatten(config)
-        matching = [i for i, rule in enumerate(overrides_rules) if all(_matches(flat, k, v) for k, v in rule.where.items())]
+        matching = [i for i, rule in enumerate(overrides_rules) if all(_matches(flat, k, v, overrides) for k, v in rule.where.items())]
         if matching:  # matched on the cell as the axes make it; then its values are replaced
             setters: dict[str, int] = {}
             for i in matching:
@@ -349,7 +349,7 @@ def expand(data: dict[str, Any], catalog: Catalog, *, source: str, only: Sequenc
             sections = {key: f"[[override]] number {i + 1}" for key, i in setters.items()}
             config = _resolve(raw, raw_options, catalog, source, set(axes), sections)
             flat = flatten(config)
-        hits = [all(_matches(flat, k, v) for k, v in rule.items()) for rule in excludes]
+        hits = [all(_matches(flat, k, v, overrides) for k, v in rule.items()) for rule in excludes]
         for i, hit in enumerate(hits):
             rule_hits[i] += hit
         if any(hits):
@@ -682,7 +682,13 @@ def lookup(flat: dict[str, Any], path: str) -> Any:
     return flat.get(path, _MISSING)
 
 
-def _matches(flat: dict[str, Any], path: str, wanted: Any) -> bool:
+def _matches(flat: dict[str, Any], path: str, wanted: Any, axes: dict[str, Any] | None = None) -> bool:
+    """The cell has ``wanted`` (or one of a list) at ``path``: the value its axis gave it where
+    ``path`` is an axis (so an option axis of a plugin the cell does not use still tells its cells
+    apart), its resolved value otherwise."""
+    if axes is not None and path in axes:
+        values = wanted if isinstance(wanted, list) else [wanted]
+        return any(_same(axes[path], w) for w in values)
     value = lookup(flat, path)
     if value is _MISSING:
         return False

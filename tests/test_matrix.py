@@ -149,6 +149,23 @@ time_steps = [4, 8]
     assert sorted((c.config.seed, c.config.time_steps) for c in m.cells) == [(0, 2), (0, 4), (0, 8), (1, 2)]
 
 
+def test_an_option_axis_of_a_plugin_a_cell_does_not_use_still_tells_excludes_its_cells_apart(write_toml, catalog):
+    """An exclude names the axis value that made the cell: the seqnorm cells of an axis of bn's
+    option would otherwise resolve to one configuration twice (a skip), and the rule could not drop them."""
+    text = BASE + """
+[matrix]
+normalizer = ["bn", "seqnorm"]
+"options.normalizer.bn.momentum" = [0.1, 0.5]
+[[exclude]]
+normalizer = "seqnorm"
+"options.normalizer.bn.momentum" = 0.5
+"""
+    m = load_matrix(write_toml(text), catalog)
+    assert m.excluded == 1 and not m.skipped
+    assert sorted((c.config.normalizer.name, c.config.normalizer.options.get("momentum")) for c in m.cells) == [
+        ("bn", 0.1), ("bn", 0.5), ("seqnorm", None)]
+
+
 def test_incompatible_cells_are_skipped_with_a_reason(write_toml, catalog):
     text = BASE + """
 [matrix]

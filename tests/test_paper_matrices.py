@@ -54,7 +54,7 @@ def test_paper_matrix_has_table_3_hyperparameters_and_the_paper_rows(name, regis
     assert rows == ROWS[name]
 
 
-@pytest.mark.parametrize("path", ["benchmarks.toml", "benchmarks/ablation-fmnist-full.toml"])
+@pytest.mark.parametrize("path", ["benchmarks.toml", "benchmarks/ablation-fmnist-full.toml", "benchmarks/ablation-fmnist-long.toml"])
 def test_the_ablation_matrices_train_osr_without_ots_at_the_lower_weight_decay(path, registry):
     m = load_matrix(REPO / path, registry)
     for cell in m.cells:
@@ -63,3 +63,38 @@ def test_the_ablation_matrices_train_osr_without_ots_at_the_lower_weight_decay(p
         assert c.optimizer.weight_decay == (2e-4 if osr_alone else 5e-4), cell.label
     assert any(c.config.normalizer.name == "osr" and c.config.threshold.name == "fixed" for c in m.cells)
     assert "OSR without OTS at 2e-4" in (REPO / path).read_text().split("\nname =")[0]  # said in the header
+
+
+def test_the_long_ablation_is_the_default_recipe_trained_four_times_as_long(registry):
+    """ablation-fmnist-long.toml: the default matrix's configurations it shares, cell for cell the
+    same but for 20 epochs (so the default matrix is its 5-epoch control), plus OSR + OTS with the
+    fast-tracking running statistics (the labelled deviation), and its [[difference]] tables."""
+    import dataclasses
+
+    from harness.matrix import cell_id
+
+    long = load_matrix(REPO / "benchmarks" / "ablation-fmnist-long.toml", registry)
+    short = {c.id: c for c in load_matrix(REPO / "benchmarks.toml", registry).cells}
+    assert len(long.cells) == 18 and not long.skipped
+    fast = [c for c in long.cells if c.config.normalizer.options.get("momentum_warmup_batches")]
+    plain = [c for c in long.cells if c not in fast]
+    for cell in plain:
+        control = cell_id(dataclasses.replace(cell.config, epochs=5))
+        assert control in short, f"{cell.label}: no cell of benchmarks.toml with this recipe at 5 epochs"
+        assert cell.config.epochs == 20
+    got = {(c.config.trainer.name, c.config.normalizer.name, c.config.threshold.name) for c in plain}
+    assert got == {("online", n, t) for n in ("vanilla_bn", "osr") for t in ("fixed", "ots")} | {("bptt", "vanilla_bn", "fixed")}
+    assert sorted(c.config.seed for c in plain) == sorted([0, 1, 2] * 5)
+    assert len(fast) == 3
+    for cell in fast:
+        c = cell.config
+        assert (c.trainer.name, c.normalizer.name, c.threshold.name) == ("online", "osr", "ots")
+        assert (c.normalizer.options["momentum_warmup_batches"], c.normalizer.options["momentum_start"]) == (938, 0.5)
+        twin = next(p for p in plain if p.config.seed == c.seed and p.config.normalizer.name == "osr" and p.config.threshold.name == "ots")
+        other = dict(c.normalizer.options, momentum_warmup_batches=twin.config.normalizer.options["momentum_warmup_batches"])
+        assert dataclasses.replace(c, normalizer=dataclasses.replace(c.normalizer, options=other)) == twin.config
+    header = (REPO / "benchmarks" / "ablation-fmnist-long.toml").read_text().split("\nname =")[0]
+    assert "DEVIATION from the paper" in header and "938 batches" in header
+    assert [d.name for d in long.differences] == [
+        "osr_minus_vanilla_bn", "osr_ots_minus_osr", "osr_ots_minus_vanilla_bn", "fast_stats_minus_paper_stats",
+        "online_minus_bptt_vanilla_bn"]

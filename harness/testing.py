@@ -38,6 +38,7 @@ from harness import hookspecs
 from harness.contracts import (
     CONTRACTS,
     DatasetContract,
+    MembraneNormContract,
     ModelContract,
     NormalizerContract,
     ThresholdContract,
@@ -45,7 +46,7 @@ from harness.contracts import (
 )
 
 __all__ = [
-    "CONTRACTS", "DatasetContract", "MatrixOutcome", "ModelContract", "NormalizerContract", "RecordingHook",
+    "CONTRACTS", "DatasetContract", "MatrixOutcome", "MembraneNormContract", "ModelContract", "NormalizerContract", "RecordingHook",
     "ThresholdContract", "TrainerContract", "contract_suites", "hook_specifications", "plugin_manager", "run_matrix",
 ]
 

@@ -17,7 +17,7 @@ from harness import DatasetNotFoundError, Range, hookimpl
 from harness.data import DatasetBundle
 from harness.snn import SequenceModule, SpikingSequential, run_sequence
 from harness.training import BatchResult, predict
-from snn_harness_plugins.normalizers import Eps, Momentum, TemporalEffectiveBatchNorm, VanillaBatchNorm
+from snn_harness_plugins.normalizers import Eps, MembranePotentialBatchNorm, Momentum, TemporalEffectiveBatchNorm, VanillaBatchNorm
 from snn_harness_plugins.thresholds import FixedThreshold, OnlineThresholdStabilizer, Theta
 from snn_harness_plugins.trainers import BPTTTrainer
 
@@ -368,6 +368,103 @@ def default_outside_its_range(root: str = "data", fraction: Annotated[float, Ran
 # Registration, and the clause each breaks
 # ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# Membrane normalizations
+# ---------------------------------------------------------------------------------------------
+
+
+class NotAMembraneNorm(nn.Module):
+    """MPBN's arithmetic in a plain module: the neuron would call it, but it is no MembraneNorm."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(num_features)), nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+
+    def forward(self, u: Tensor, t: int) -> Tensor:
+        return F.batch_norm(u, self.running_mean, self.running_var, self.weight, self.bias, self.training, 0.1, 1e-5)
+
+
+class MembraneDropsChannelsOfVectors(MembranePotentialBatchNorm):
+    """Keeps only the first channel of a ``[B, C]`` potential."""
+
+    def forward(self, u: Tensor, t: int) -> Tensor:
+        n = super().forward(u, t)
+        return n[:, :1] if u.ndim == 2 else n
+
+
+class DetachedMembrane(MembranePotentialBatchNorm):
+    """Gives the normalized potential without its graph: the neuron's gradient stops there."""
+
+    def forward(self, u: Tensor, t: int) -> Tensor:
+        return super().forward(u, t).detach()
+
+
+class CountsInEvaluation(MembranePotentialBatchNorm):
+    """Counts evaluation steps in its ``num_batches_tracked`` buffer (the output is unchanged)."""
+
+    def forward(self, u: Tensor, t: int) -> Tensor:
+        if not self.training:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+        return super().forward(u, t)
+
+
+class MembraneEvaluatesWithBatchStatistics(MembranePotentialBatchNorm):
+    """Normalizes test potentials by their own batch statistics (updating no running statistic)."""
+
+    def forward(self, u: Tensor, t: int) -> Tensor:
+        if self.training:
+            return super().forward(u, t)
+        return F.batch_norm(u, None, None, self.weight, self.bias, True, 0.0, self.eps)
+
+
+class MembraneCountsInAPlainAttribute(MembranePotentialBatchNorm):
+    """A gain that grows with the training steps seen, counted in a plain attribute, not a buffer."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self._seen = 0
+
+    def forward(self, u: Tensor, t: int) -> Tensor:
+        if self.training:
+            self._seen += 1
+        return super().forward(u, t) * (1.0 + 0.1 * min(self._seen, 5))
+
+
+class MembraneGainMadeOnTheCpu(MembranePotentialBatchNorm):
+    """A per-channel gain made on the CPU at every call, whatever the module's device."""
+
+    def forward(self, u: Tensor, t: int) -> Tensor:
+        gain = torch.ones(self.num_features).view(1, -1, *[1] * (u.ndim - 2))
+        return super().forward(u, t) * gain
+
+
+class MembraneNoEpsilon(MembranePotentialBatchNorm):
+    """Divides training potentials by their bare standard deviation: a constant one gives 0 / 0."""
+
+    def forward(self, u: Tensor, t: int) -> Tensor:
+        n = super().forward(u, t)
+        if not self.training:
+            return n
+        dims = [d for d in range(u.ndim) if d != 1]
+        centred = u - u.mean(dims, keepdim=True)
+        view = (1, -1, *[1] * (u.ndim - 2))
+        return centred / centred.square().mean(dims, keepdim=True).sqrt() * self.weight.view(view) + self.bias.view(view)
+
+
+class SingleStepMembraneNorm(MembranePotentialBatchNorm):
+    """Declares the single-step mode only, though registered for both."""
+
+    step_modes = frozenset({"single"})
+
+
+def kwargs_membrane_norm(num_features: int, **options):
+    """Options the matrix cannot check."""
+    return MembranePotentialBatchNorm(num_features)
+
+
 BREAKERS: dict[str, dict[str, tuple[object, str]]] = {
     "normalizer": {
         "broken_vector_shape": (DropsChannelsOfVectors, "test_shapes_in_every_declared_step_mode[vector]"),
@@ -389,6 +486,18 @@ BREAKERS: dict[str, dict[str, tuple[object, str]]] = {
         "broken_zero_spread": (NoMinimumSpread, "test_constant_potential_gives_finite_thresholds"),
         "broken_threshold_modes": (SingleStepPolicy, "test_declared_step_modes_are_honoured"),
         "broken_threshold_kwargs": (kwargs_threshold, "test_options_match_the_signature"),
+    },
+    "membrane_norm": {
+        "broken_not_membrane_norm": (NotAMembraneNorm, "test_builds_a_membrane_norm_with_a_known_carry"),
+        "broken_membrane_vector": (MembraneDropsChannelsOfVectors, "test_output_has_the_potential_s_shape_dtype_and_is_finite[vector]"),
+        "broken_membrane_detached": (DetachedMembrane, "test_gradient_reaches_the_potential_and_the_parameters"),
+        "broken_membrane_eval_count": (CountsInEvaluation, "test_evaluation_changes_no_state"),
+        "broken_membrane_eval_batch": (MembraneEvaluatesWithBatchStatistics, "test_evaluation_does_not_depend_on_the_batch"),
+        "broken_membrane_plain_state": (MembraneCountsInAPlainAttribute, "test_state_dict_round_trip"),
+        "broken_membrane_cpu_gain": (MembraneGainMadeOnTheCpu, "test_to_another_dtype_and_device"),
+        "broken_membrane_no_eps": (MembraneNoEpsilon, "test_constant_potential_gives_finite_output"),
+        "broken_membrane_modes": (SingleStepMembraneNorm, "test_declared_step_modes_are_honoured_in_a_lif_neuron"),
+        "broken_membrane_kwargs": (kwargs_membrane_norm, "test_options_match_the_signature"),
     },
     "trainer": {
         "broken_graph": (KeepsTheGraph, "test_train_batch_result"),
@@ -412,7 +521,8 @@ BREAKERS: dict[str, dict[str, tuple[object, str]]] = {
     },
 }
 
-STEP_MODES = {"broken_threshold_modes": ("single", "sequence"), "broken_trainer_kwargs": ("sequence",)}
+STEP_MODES = {"broken_threshold_modes": ("single", "sequence"), "broken_trainer_kwargs": ("sequence",),
+              "broken_membrane_modes": ("single", "sequence")}
 
 
 def _present(self, tmp_path: Path) -> dict:
@@ -439,6 +549,7 @@ def _registers(kind: str):
 
 register_normalizers = _registers("normalizer")
 register_thresholds = _registers("threshold")
+register_membrane_norms = _registers("membrane_norm")
 register_trainers = _registers("trainer")
 register_models = _registers("model")
 register_datasets = _registers("dataset")

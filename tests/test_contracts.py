@@ -78,6 +78,8 @@ def _fashion_mnist_present(tmp_path: Path) -> dict:
     return {"root": str(tmp_path)}  # the loader copies them under root
 
 
+MEMBRANE_NORM_SETTINGS = {"none": {}}  # (builds no module: its clauses skip, saying so)
+
 DATASET_SETTINGS = {
     "digits": {"needs_files": False},
     "fashion_mnist": {
@@ -91,14 +93,18 @@ DATASET_SETTINGS = {
     "cifar10_dvs": {"present": _present(_write_cifar10_dvs), "options": {"size": 8, "train_fraction": 0.5}},
 }
 
-for _kind, _settings in [("normalizer", {}), ("threshold", {}), ("trainer", {}), ("model", MODEL_SETTINGS),
-                         ("dataset", DATASET_SETTINGS)]:
+for _kind, _settings in [("normalizer", {}), ("threshold", {}), ("membrane_norm", MEMBRANE_NORM_SETTINGS), ("trainer", {}),
+                         ("model", MODEL_SETTINGS), ("dataset", DATASET_SETTINGS)]:
     globals().update(contract_suites(_kind, BUILTINS.names(_kind), autoload=False, settings=_settings))
+
+# MPBN as its authors' code runs it: the reset on the potential before the BN (the neuron's hard reset).
+globals().update(contract_suites("membrane_norm", ["mpbn"], autoload=False, prefix="TestRawCarry",
+                                 settings={"mpbn": {"options": {"carry": "raw"}}}))
 
 
 def test_every_registered_built_in_has_its_suite_here():
     suites = {name for name, value in globals().items() if isinstance(value, type) and name.startswith("Test")}
-    for kind in ("normalizer", "threshold", "trainer", "model", "dataset"):
+    for kind in ("normalizer", "threshold", "membrane_norm", "trainer", "model", "dataset"):
         names = BUILTINS.names(kind)
         assert names, kind
         assert {f"Test{kind.capitalize()}_{n}" for n in names} <= suites

@@ -7,6 +7,7 @@ fixtures some clauses need.
 """
 
 from harness.contracts.dataset import DatasetContract
+from harness.contracts.membrane_norm import MembraneNormContract
 from harness.contracts.model import ModelContract, TrainerContract
 from harness.contracts.normalizer import NormalizerContract
 from harness.contracts.threshold import ThresholdContract
@@ -14,10 +15,11 @@ from harness.contracts.threshold import ThresholdContract
 CONTRACTS = {
     "normalizer": NormalizerContract,
     "threshold": ThresholdContract,
+    "membrane_norm": MembraneNormContract,
     "trainer": TrainerContract,
     "model": ModelContract,
     "dataset": DatasetContract,
 }
 """The contract suite of each kind of component (losses have none yet)."""
 
-__all__ = ["CONTRACTS", "DatasetContract", "ModelContract", "NormalizerContract", "ThresholdContract", "TrainerContract"]
+__all__ = ["CONTRACTS", "DatasetContract", "MembraneNormContract", "ModelContract", "NormalizerContract", "ThresholdContract", "TrainerContract"]

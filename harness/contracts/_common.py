@@ -84,6 +84,16 @@ def _docstrings(factory: Any) -> str:
     return doc
 
 
+def draw_parameters(module: torch.nn.Module, seed: int) -> None:
+    """Every floating-point parameter of ``module`` drawn uniformly from [0.6, 1.4) from ``seed``:
+    not 1 and 0, so that a missing gradient or a wrong affine transform shows."""
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.is_floating_point():
+                p.copy_(torch.rand(p.shape, generator=g) * 0.8 + 0.6)
+
+
 def assert_close(actual: Any, expected: Any, what: str, rtol: float, atol: float) -> None:
     """``torch.testing.assert_close`` whose failure message starts with ``what``."""
     try:

@@ -24,7 +24,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from harness.contracts._common import Contract, assert_close, assert_finite, other_device, portable_plugins, restore_plugins
+from harness.contracts._common import (
+    Contract,
+    assert_close,
+    assert_finite,
+    draw_parameters,
+    other_device,
+    portable_plugins,
+    restore_plugins,
+)
 from harness.registry import ComponentInfo, Registry, get_registry
 from harness.snn import SequenceModule, SpikingSequential, begin_sequence, run_sequence
 
@@ -39,11 +47,7 @@ def build_normalizer(registry: Registry, name: str, options: dict[str, Any], num
     provided = {"time_steps": time_steps, "v_threshold": v_threshold}
     torch.manual_seed(seed)
     module = info.factory(num_features=num_features, **{k: v for k, v in provided.items() if info.takes(k)}, **options)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in module.parameters():
-            if p.is_floating_point():
-                p.copy_(torch.rand(p.shape, generator=g) * 0.8 + 0.6)
+    draw_parameters(module, seed)
     return module
 
 

@@ -98,3 +98,23 @@ def test_the_long_ablation_is_the_default_recipe_trained_four_times_as_long(regi
     assert [d.name for d in long.differences] == [
         "osr_minus_vanilla_bn", "osr_ots_minus_osr", "osr_ots_minus_vanilla_bn", "fast_stats_minus_paper_stats",
         "online_minus_bptt_vanilla_bn"]
+
+
+def test_tab_and_mpbn_run_the_default_recipe(registry):
+    """fmnist-tab-mpbn.toml: each cell is a vanilla-BN cell of benchmarks.toml (same trainer and
+    seed) with TAB as the normalizer or MPBN inside the neuron, so its numbers sit beside the
+    default matrix's."""
+    import dataclasses
+
+    extra = load_matrix(REPO / "benchmarks" / "fmnist-tab-mpbn.toml", registry)
+    default = load_matrix(REPO / "benchmarks.toml", registry)
+    plain = {(c.config.trainer.name, c.config.seed): c.config for c in default.cells
+             if c.config.normalizer.name == "vanilla_bn" and c.config.threshold.name == "fixed"}
+    got = set()
+    for cell in extra.cells:
+        c = cell.config
+        base = plain[(c.trainer.name, c.seed)]
+        assert dataclasses.replace(base, normalizer=c.normalizer, membrane_norm=c.membrane_norm) == c, cell.label
+        got.add((c.trainer.name, c.normalizer.name, c.membrane_norm.name))
+    assert got == {("bptt", "tab", "none"), ("bptt", "vanilla_bn", "mpbn"), ("online", "vanilla_bn", "mpbn")}
+    assert len(extra.cells) == 9 and not extra.skipped

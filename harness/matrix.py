@@ -660,6 +660,38 @@ def _incompatibility(config: CellConfig, catalog: Catalog) -> str | None:
             runs = " or ".join(_MODE_WORDS[m] for m in sorted(infos["trainer"].step_modes))
             return f"{kind} {info.name!r} runs only {need}, but trainer {infos['trainer'].name!r} runs {runs}"
         modes &= set(info.step_modes)
+    return _carry_needs_hard_reset(config, infos.get("membrane_norm")) or _mixing_needs_soft_targets(config, catalog)
+
+
+def _declared(info: Any, options: dict[str, Any], key: str, default: Any) -> Any:
+    """A component's setting: the cell's option, else the option's default, else the factory's
+    class attribute, else ``default`` (known without building the component)."""
+    if key in options:
+        return options[key]
+    option = info.options.get(key)
+    if option is not None and not option.required:
+        return option.default
+    return getattr(info.factory, key, default)
+
+
+def _carry_needs_hard_reset(config: CellConfig, info: Any) -> str | None:
+    if info is None:
+        return None
+    carry = _declared(info, config.membrane_norm.options, "carry", "normalized")
+    if carry == "raw" and config.neuron.reset == "soft":
+        return (f"membrane_norm {info.name!r} with carry = 'raw' needs the hard reset (the neuron goes on with the "
+                "potential before the normalization; a soft reset would subtract a threshold of the normalized scale "
+                "from it), but neuron.reset is 'soft'")
+    return None
+
+
+def _mixing_needs_soft_targets(config: CellConfig, catalog: Catalog) -> str | None:
+    if not (config.mixup.mixup_alpha or config.mixup.cutmix_alpha):
+        return None
+    factory = catalog.info("loss", config.loss.name).factory
+    if isinstance(factory, type) and not getattr(factory, "soft_targets", False):
+        return (f"mixup/cutmix give soft targets, but loss {config.loss.name!r} does not take them "
+                "(a SequenceLoss declares soft_targets = True)")
     return None
 
 

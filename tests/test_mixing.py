@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from harness.config import Component, MixupConfig
 from harness.mixing import BatchMixing, SoftTargets, build_mixing
+from harness import hookimpl
 from harness.registry import get_registry
 from harness.runner import run_cell
 from snn_harness_plugins.losses import TETLoss
@@ -133,3 +134,29 @@ def test_the_mixup_keys_are_checked_where_the_matrix_is_read(tmp_path):
             load_matrix(path, registry)
     path.write_text('name = "m"\n' + TINY_DEFAULTS + "[defaults.mixup]\ncutmix_alpha = 1.0\n")
     assert load_matrix(path, registry).cells[0].config.mixup.cutmix_alpha == 1.0
+
+
+def test_mixing_with_a_loss_that_takes_no_soft_targets_is_refused_at_load(tmp_path):
+    """The cell is impossible before it trains: the matrix says so (a skip with the reason)."""
+    from harness.errors import IncompatibleCellError
+    from harness.matrix import load_matrix
+    from harness.training import SequenceLoss
+
+    from conftest import TINY_DEFAULTS
+
+    class HardLabelsOnly(SequenceLoss):
+        def step(self, logits, target):
+            return F.cross_entropy(logits, target)
+
+    class Plugin:
+        @staticmethod
+        @hookimpl
+        def register_losses(registry):
+            registry.add("hard_ce", HardLabelsOnly)
+
+    registry = get_registry(autoload=False, extra_plugins=[(Plugin, "hard")])
+    path = tmp_path / "m.toml"
+    defaults = TINY_DEFAULTS.replace('trainer = "bptt"', 'trainer = "bptt"\nloss = "hard_ce"')
+    path.write_text('name = "m"\n' + defaults + "[defaults.mixup]\nmixup_alpha = 0.2\n")
+    with pytest.raises(IncompatibleCellError, match="mixup/cutmix give soft targets, but loss 'hard_ce' does not take them"):
+        load_matrix(path, registry)

@@ -187,6 +187,25 @@ def test_raw_carry_refuses_the_soft_reset(registry):
         LIFNeuron(registry.thresholds["fixed"](), reset="soft", membrane_norm=_mpbn(registry, carry="raw"))
 
 
+def test_a_raw_carry_cell_with_the_soft_reset_is_skipped_at_load_with_the_reason(registry, tiny_matrix):
+    from harness.matrix import load_matrix
+
+    path = tiny_matrix("""
+    [defaults.neuron]
+    reset = "soft"
+    [options.membrane_norm.mpbn]
+    carry = "raw"
+    [matrix]
+    membrane_norm = ["mpbn"]
+    "neuron.reset" = ["soft", "hard"]
+    """)
+    m = load_matrix(path, registry)
+    assert [c.config.neuron.reset for c in m.cells] == ["hard"]
+    (skip,) = m.skipped
+    assert skip.config.neuron.reset == "soft"
+    assert "membrane_norm 'mpbn' with carry = 'raw' needs the hard reset" in skip.skip_reason
+
+
 def test_composes_with_ots_in_both_step_modes(registry):
     """OTS sees the normalized potential and the neuron runs (and agrees) one step at a time
     and on the whole sequence."""

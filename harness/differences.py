@@ -318,7 +318,7 @@ def write_differences(
             written.append(plots.plot_gap_per_epoch(
                 {diff.name: curve}, out_dir / "plots" / f"gap_{_file_name(diff.name)}.png",
                 ylabel=f"{diff.metric} a - b" + (" (points)" if diff.metric in PERCENT_METRICS else ""),
-                title=f"{side_text(diff.a)}  minus  {side_text(diff.b)}"))
+                title=f"{diff.name}\na = {side_text(diff.a)}\nb = {side_text(diff.b)}"))
     return results, written
 
 

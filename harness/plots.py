@@ -167,11 +167,11 @@ def plot_gap_per_epoch(
         low = np.array([np.nan if p[2] is None else p[2] for p in pts], dtype=float)
         high = np.array([np.nan if p[3] is None else p[3] for p in pts], dtype=float)
         n = max(p[4] for p in pts)
-        _plot_line(ax, i, len(items), f"{label} (n={n})", epochs, mean)
+        _plot_line(ax, i, len(items), f"a - b (n={n} seeds)" if len(items) == 1 else f"{label} (n={n})", epochs, mean)
         band = np.isfinite(low) & np.isfinite(high)
         if band.any():
             ax.fill_between(epochs, low, high, where=band, color=colors[i % len(colors)], alpha=0.18, linewidth=0,
-                            label=None)
+                            label="95% interval" if len(items) == 1 else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -421,11 +421,11 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
         return ExitCode.NO_CELLS
     if uri.startswith(("http://", "https://")):
         check_tracking(uri)  # seconds, not MLflow's minutes of retries
-    rows = tracking.report_rows(uri, experiment, name)
+    rows = _ask_the_store(uri, "for the matrix's runs", tracking.report_rows, uri, experiment, name)
     if not rows:
         print(f"harness: no runs of matrix {name!r} in experiment {experiment!r} at {uri}", file=sys.stderr)
         return ExitCode.NO_CELLS
-    axes = tracking.matrix_axes(uri, experiment, name)
+    axes = _ask_the_store(uri, "for the matrix's axes", tracking.matrix_axes, uri, experiment, name)
     entries = report.compare(rows, axes)
     wanted = differences.read_differences(data.get("difference"), str(args.matrix), axes) + [
         differences.Difference(name=f"{a} - {b}", a=differences.parse_side(a), b=differences.parse_side(b))
@@ -442,7 +442,7 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
         try:
             summary.write_summary(out, rows, merge_existing=False, title=f"Matrix {name} (from MLflow)")
             metrics = tuple(dict.fromkeys(["test_top1", *(d.metric for d in wanted)]))
-            history = tracking.report_history(uri, rows, metrics)
+            history = _ask_the_store(uri, "for the epoch history", tracking.report_history, uri, rows, metrics)
             written = [out / "summary.md", out / "summary.csv", *report.write_plots(out, rows, history, axes)]
             if wanted:
                 written += differences.write_differences(out, rows, history, wanted)[1]
@@ -465,6 +465,30 @@ def cmd_report(args: argparse.Namespace, argv: list[str]) -> int:
     if written:
         print("wrote " + ", ".join(map(str, written)), file=sys.stderr)
     return ExitCode.OK
+
+
+def _ask_the_store(uri: str, what: str, call: Any, *args: Any, tries: int = 3, pause_s: float = 2.0) -> Any:
+    """``call(*args)``, a read of the tracking store. A server that is busy or still starting
+    (MLflow's request errors, a connection reset) is asked again, ``tries`` times in all; what it
+    still refuses, and any error of a local store, ends as a :class:`HarnessError` that says
+    which store and what failed, not a traceback."""
+    from mlflow.exceptions import MlflowException
+    from requests.exceptions import RequestException
+
+    remote = uri.startswith(("http://", "https://"))
+    for attempt in range(1, tries + 1):
+        try:
+            return call(*args)
+        except (MlflowException, RequestException, OSError) as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            if not remote:
+                raise HarnessError(f"the tracking store {uri} could not be read {what}: {type(exc).__name__}: {reason}") from None
+            if attempt == tries:
+                raise HarnessError(
+                    f"the tracking server {uri} did not answer {what} after {tries} tries ({type(exc).__name__}: {reason}); "
+                    "it may be overloaded or still starting: try again, or name another store with --tracking-uri") from None
+            time.sleep(pause_s * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 _SHORT_TITLES = {  # the terminal table's headers (the files keep the long ones)

@@ -191,3 +191,33 @@ def test_a_new_tracking_store_is_set_up_without_mlflows_info_lines(tmp_path):
     assert (tmp_path / "r" / "mlflow.db").exists()  # a new store was made, by this run
     assert "Creating initial MLflow database tables" not in proc.stderr and "alembic" not in proc.stderr.lower()
     assert "[cell 1/1]" in proc.stderr and "finished" in proc.stderr
+
+
+def test_a_store_that_fails_a_read_is_asked_again_then_named_in_a_clear_error(monkeypatch, ran, capsys):
+    from mlflow.exceptions import MlflowException
+
+    from harness import cli, tracking
+
+    calls = []
+
+    def flaky(*args):
+        calls.append(args)
+        if len(calls) < 3:
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/search failed with error code 503")
+        return ["rows"]
+
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    assert cli._ask_the_store("http://127.0.0.1:5000", "for runs", flaky, "x") == ["rows"] and len(calls) == 3
+    calls.clear()
+    with pytest.raises(cli.HarnessError, match=r"tracking server http://127.0.0.1:1 did not answer for runs after 2 tries "
+                                           r"\(MlflowException: API request .* 503\).*--tracking-uri"):
+        cli._ask_the_store("http://127.0.0.1:1", "for runs", flaky, tries=2)
+
+    def broken(*args):
+        raise MlflowException("no such table: runs")
+
+    monkeypatch.setattr(tracking, "report_rows", broken)
+    assert main(["report", "--matrix", str(ran["path"]), "--results", str(ran["results"])]) == ExitCode.USAGE_ERROR
+    err = capsys.readouterr().err
+    assert "the tracking store sqlite:///" in err and "could not be read for the matrix's runs: MlflowException: no such table" in err
+    assert "Traceback" not in err

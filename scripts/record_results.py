@@ -52,14 +52,14 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], first: Sequence[str
     columns: list[str] = [c for c in first if any(c in r for r in rows)]
     for row in rows:
         columns += [k for k in row if k not in columns]
+    from harness.atomic import atomic_write
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="") as fh:
+    with atomic_write(path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for row in rows:
             writer.writerow({c: row.get(c, "") for c in columns})
-    tmp.replace(path)
 
 
 def history_path(dest: Path) -> Path:

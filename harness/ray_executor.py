@@ -250,21 +250,25 @@ class _Running:
     attempt: int
     started: float  # submitted (time.perf_counter())
     first_item: float | None = None  # the first item of its stream arrived
-    ready: float = 0.0  # it could start: submitted, or the end before its first item arrived (see CellTiming)
+    ready: float | None = None  # it could start: submitted, or the end that freed the slot it waited for (see CellTiming)
     end_item: float | None = None  # its on_cell_end arrived
 
 
 @dataclass(frozen=True)
 class CellTiming:
     """Ray's cost for a cell, seen from the driver, counted from the moment the cell could start:
-    its submission, or for a cell that waited in Ray's queue for a free slot, the arrival of the
-    last cell's end before its start (the slot it got). ``to_start_s``: from there to the
+    its submission, or for a cell submitted while every slot of the cluster was taken (it waits in
+    Ray's queue), the arrival of the end that freed a slot for it, first come first served.
+    ``to_start_s``: from there to the
     arrival of its first event (scheduling, a worker's start where none was ready, the registry
     and the data set in the worker). ``overhead_s``: from there to the arrival of its end, minus
-    the cell's own ``duration_s``: the time its slot spent on it outside the cell itself."""
+    the cell's own ``duration_s``: the time its slot spent on it outside the cell itself.
+    ``queued_s``: from its submission to the moment it could start (0 for a cell that found a
+    free slot), counted in neither of the others."""
 
     to_start_s: float
     overhead_s: float
+    queued_s: float = 0.0
 
 
 class RayExecutor:
@@ -284,7 +288,7 @@ class RayExecutor:
         self.node_data: dict[str, Any] = {}  # node id -> ObjectRef of the NodeData its probe loaded
         self.timings: dict[str, CellTiming] = {}  # cell id -> its last attempt's times outside the cell
         self.preflight_s: float | None = None  # the preflight's wall time: probe, data sets, workers' start
-        self._last_end: float = 0.0  # the latest arrival of a cell's end
+        self._queued: list[_Running] = []  # cells submitted while every slot was taken, in order, not yet given one
         self._stopping: threading.Thread | None = None  # the local instance's shutdown, once every cell ended
         self.checkpoint_dir: Path | None = None  # the cells' checkpoints (shared by every node), while running
         if config.address is None:  # before any method imports Ray: its address is read at import
@@ -473,6 +477,8 @@ class RayExecutor:
         pending = list(cells)
         running: dict[Any, _Running] = {}
         limit = self.config.max_concurrent or len(cells)
+        fit = self._fit(cells) if cells else 0
+        self._queued = []
         if cells:
             print(f"harness: ray: {self._describe(cells, limit)}", file=self.stream)
         try:
@@ -490,7 +496,11 @@ class RayExecutor:
                             f"cannot send cell [{cell.label}] to a Ray worker ({type(exc).__name__}: {exc}): the cell's "
                             "config and the plugins given as extra_plugins must be picklable"
                         ) from exc
-                    running[gen] = _Running(cell, attempt, time.perf_counter())
+                    state = running[gen] = _Running(cell, attempt, time.perf_counter())
+                    if len(running) > fit:  # it waits in Ray's queue for a slot
+                        self._queued.append(state)
+                    else:
+                        state.ready = state.started
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
                 for gen in ready:
                     state = running[gen]
@@ -498,6 +508,7 @@ class RayExecutor:
                     if outcome is None:
                         continue
                     del running[gen]
+                    self._slot_freed(state)
                     if outcome == "retry":
                         pending.insert(0, state.cell)
                         continue
@@ -525,14 +536,37 @@ class RayExecutor:
         """How many cells run at once, with what, on how many nodes."""
         import ray
 
+        cpus, gpus = self.resources(cells[0])
+        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+        each = f"{cpus} CPU" + (f" and {gpus:g} GPU" if gpus else "")
+        return f"up to {min(limit, self._fit(cells), len(cells))} cell(s) at a time, {each} each, on {nodes} node(s)"
+
+    def _fit(self, cells: Sequence[Any]) -> int:
+        """How many of the cells the cluster's resources hold at once (Ray queues the rest)."""
+        import ray
+
         total = ray.cluster_resources()
         cpus, gpus = self.resources(cells[0])
         fit = int(total.get("CPU", 0) // cpus)
         if gpus:
             fit = min(fit, int(total.get("GPU", 0) // gpus))
-        nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
-        each = f"{cpus} CPU" + (f" and {gpus:g} GPU" if gpus else "")
-        return f"up to {min(limit, fit, len(cells))} cell(s) at a time, {each} each, on {nodes} node(s)"
+        return max(fit, 1)
+
+    def _slot_freed(self, state: _Running) -> None:
+        """A cell left its slot: the first cell still waiting in Ray's queue could start from now."""
+        if state in self._queued:  # it never got a slot of its own (e.g. the worker died before its start)
+            self._queued.remove(state)
+        if self._queued:
+            self._queued.pop(0).ready = time.perf_counter()
+
+    @staticmethod
+    def _first_item(state: _Running, now: float, queued: list[_Running]) -> None:
+        """The cell's first item arrived: a cell still counted as waiting got a slot nobody freed
+        that the driver saw (Ray's resources were larger than counted): it could start when submitted."""
+        state.first_item = now
+        if state.ready is None:
+            queued.remove(state)
+            state.ready = state.started
 
     def _timing_line(self) -> str:
         """Ray's cost outside the cells (``--verbose``): median and range over the cells."""
@@ -565,12 +599,12 @@ class RayExecutor:
             return self._died(gen, state, f"{type(exc).__name__}: {exc}", delivery)
         now = time.perf_counter()
         if state.first_item is None:
-            state.first_item, state.ready = now, max(state.started, self._last_end)
+            self._first_item(state, now, self._queued)
         if isinstance(item, WorkerReport):
             self.reports[cell.id] = item
             return None
         if item.name == "on_cell_end":
-            state.end_item = self._last_end = now
+            state.end_item = now
             return item.payload["result"]
         try:
             with interrupts_deferred():  # Ctrl-C waits until every observer has the event
@@ -615,9 +649,9 @@ class RayExecutor:
 
     def _finish(self, result: CellResult, state: _Running, delivery: Delivery, job: CellJob) -> tuple[CellResult, bool]:
         """Record a cell's end; returns the result and whether a Ctrl-C came meanwhile."""
-        if state.end_item is not None and state.first_item is not None:  # the worker's own end
+        if state.end_item is not None and state.first_item is not None and state.ready is not None:  # the worker's own end
             self.timings[result.cell_id] = CellTiming(
-                state.first_item - state.ready, state.end_item - state.ready - result.duration_s)
+                state.first_item - state.ready, state.end_item - state.ready - result.duration_s, state.ready - state.started)
         if not result.duration_s:
             result = dataclasses.replace(result, duration_s=time.perf_counter() - state.started)
         interrupted = False

@@ -35,10 +35,36 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-# The configuration's columns in the README table, then the seed; everything else is a metric.
+# The configuration's columns in the README table (then any other axis of the matrix, e.g.
+# membrane_norm or a plugin option), then the seed; everything else is a metric.
 CONFIG_COLUMNS = ("trainer", "normalizer", "threshold")
-HEADER = ("| trainer | normalizer | threshold | seeds | test top-1 (final), mean ± std | best test top-1 "
-          "| per seed (final) | test firing rate | rate CV over t | wall time per cell |")
+METRIC_HEADER = ("| seeds | test top-1 (final), mean ± std | best test top-1 | per seed (final) | test firing rate "
+                 "| rate CV over t | wall time per cell |")
+
+
+def extra_axes(cells: Sequence[Any]) -> list[str]:
+    """The matrix's axes besides seed and CONFIG_COLUMNS, in the order its cells name them."""
+    seen: dict[str, None] = {}
+    for cell in cells:
+        for key in cell.axes:
+            if key != "seed" and key not in CONFIG_COLUMNS:
+                seen.setdefault(key, None)
+    return list(seen)
+
+
+def axis_title(key: str) -> str:
+    """``options.normalizer.osr.momentum_warmup_batches`` -> ``osr momentum_warmup_batches``."""
+    parts = key.split(".")
+    return " ".join(parts[2:]) if parts[0] == "options" and len(parts) == 4 else key
+
+
+def axis_value(key: str, config: Mapping[str, Any]) -> str:
+    """The configuration's value on an axis; a plugin option's axis reads "–" where the
+    configuration does not use that plugin (the option changes nothing there)."""
+    parts = key.split(".")
+    if parts[0] == "options" and len(parts) == 4 and str(config.get(parts[1], "")) != parts[2]:
+        return "–"
+    return str(config.get(key, ""))
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -162,13 +188,16 @@ def _threshold(config: Mapping[str, Any], cells: Sequence[Mapping[str, str]]) ->
 
 def table_rows(rows: Sequence[Mapping[str, str]], matrix: Path) -> list[str]:
     """The README's table: header, rule and one row per configuration of the matrix."""
-    lines = [HEADER, "|" + "---|" * HEADER.count(" | ") + "---|"]
+    extras = extra_axes(matrix_cells(matrix))
+    header = "| " + " | ".join([*CONFIG_COLUMNS, *map(axis_title, extras)]) + " " + METRIC_HEADER
+    lines = [header, "|" + "---|" * (header.count(" | ") + 1)]
     for config, cells in configurations(rows, matrix):
         cells = sorted(cells, key=lambda r: int(r.get("seed") or 0))
         trainer, normalizer = config.get("trainer", ""), config.get("normalizer", "")
         threshold = _threshold(config, cells)
+        first = " | ".join([f"| {trainer}", str(normalizer), threshold, *(axis_value(k, config) for k in extras)])
         if not cells:
-            lines.append(f"| {trainer} | {normalizer} | {threshold} | | not run yet | | | | | |")
+            lines.append(f"{first} | | not run yet | | | | | |")
             continue
         final = [float(r["test_top1"]) for r in cells]
         best = [_float(r.get("best_test_top1")) or f for r, f in zip(cells, final)]
@@ -176,7 +205,7 @@ def table_rows(rows: Sequence[Mapping[str, str]], matrix: Path) -> list[str]:
         cv = _mean(_float(r.get("test_firing_rate_cv")) for r in cells)
         minutes = statistics.median(_float(r.get("duration_s")) or 0.0 for r in cells) / 60
         lines.append(" | ".join([
-            f"| {trainer}", str(normalizer), threshold, ",".join(r["seed"] for r in cells),
+            first, ",".join(r["seed"] for r in cells),
             _mean_std(final), _mean_std(best), " / ".join(f"{100 * f:.2f}" for f in final),
             "" if rate is None else f"{rate:.3f}", "" if cv is None else f"{cv:.3f}",
             f"{minutes:.1f} min |",
@@ -194,7 +223,9 @@ def step_rates(rows: Sequence[Mapping[str, str]], matrix: Path, trainer: str = "
                        key=lambda k: int(k.rsplit("t", 1)[1]))
         if not steps:
             continue
-        label = f"{config.get('normalizer', '')} + {_threshold(config, cells)} (n={len(cells)})"
+        extras = "".join(f", {axis_title(k)} {axis_value(k, config)}" for k in config if k not in CONFIG_COLUMNS
+                         and axis_value(k, config) != "–")
+        label = f"{config.get('normalizer', '')} + {_threshold(config, cells)}{extras} (n={len(cells)})"
         series[label] = [statistics.fmean(float(c[k]) for c in cells if c.get(k)) for k in steps]
     return series
 

@@ -167,3 +167,28 @@ def test_the_readme_differences_are_those_of_the_recorded_cells(tmp_path):
     table = script.format_differences(results)
     section = (REPO / "README.md").read_text().split(SECTION, 1)[1].split("\n### ", 1)[0]
     assert table in section
+
+
+def test_a_matrix_with_more_axes_gets_a_column_for_each(tmp_path):
+    """The long ablation varies an OSR option: its column reads "–" where the cell has no OSR,
+    and the two OSR + OTS configurations stay apart in the table and the figure's legend."""
+    script = _script()
+    matrix = REPO / "benchmarks" / "ablation-fmnist-long.toml"
+    cells = script.matrix_cells(matrix)
+    osr_ots = [c for c in cells if c.axes["seed"] == 0 and c.axes["normalizer"] == "osr" and c.axes["threshold"] == "ots"]
+    assert len(osr_ots) == 2
+    rows = [_cell_row(c, acc) for c, acc in zip(osr_ots, (0.8, 0.9))]
+    lines = script.table_rows(rows, matrix)
+    assert lines[0].startswith("| trainer | normalizer | threshold | osr momentum_warmup_batches | seeds |")
+    assert len(lines[1].split("|")) == len(lines[0].split("|"))
+    assert "| online | osr | ots | 0 | 0 | 80.00 |" in lines[5] and "| online | osr | ots | 938 | 0 | 90.00 |" in lines[6]
+    assert lines[2].startswith("| online | vanilla_bn | fixed | – | | not run yet |")
+    assert set(script.step_rates(rows, matrix)) == {"osr + ots, osr momentum_warmup_batches 0 (n=1)",
+                                                     "osr + ots, osr momentum_warmup_batches 938 (n=1)"}
+
+    tab = REPO / "benchmarks" / "fmnist-tab-mpbn.toml"
+    lines = script.table_rows([], tab)
+    assert lines[0].startswith("| trainer | normalizer | threshold | membrane_norm | seeds |")
+    assert lines[2:] == ["| online | vanilla_bn | fixed | mpbn | | not run yet | | | | | |",
+                         "| bptt | vanilla_bn | fixed | mpbn | | not run yet | | | | | |",
+                         "| bptt | tab | fixed | none | | not run yet | | | | | |"]

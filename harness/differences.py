@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import ConfigError
+from harness.validate import same_value
 
 PERCENT_METRICS = {"test_top1", "best_test_top1", "ema_test_top1", "best_ema_test_top1", "train_top1"}
 KEYS = ("name", "a", "b", "metric")
@@ -129,7 +130,7 @@ def check_against(differences: Sequence[Difference], cell_axes: Sequence[Mapping
         picked = {}
         for key in ("a", "b"):
             side = getattr(diff, key)
-            found = [c for c in configs if all(k in c and _same(c[k], v) for k, v in side.items())]
+            found = [c for c in configs if all(k in c and same_value(c[k], v) for k, v in side.items())]
             where = f"{source}: [[difference]] number {i} ({diff.name!r}) side {key!r} ({side_text(side)})"
             if not found:
                 raise ConfigError(f"{where} matches no configuration of the matrix")
@@ -157,25 +158,9 @@ def parse_side(text: str) -> dict[str, Any]:
     return side
 
 
-def _same(value: Any, wanted: Any) -> bool:
-    """A row's value (text from a CSV or MLflow, or a typed axis value) equals the side's value."""
-    if isinstance(value, str) and not isinstance(wanted, str):
-        value, wanted = wanted, value
-    if isinstance(wanted, str) and not isinstance(value, str):
-        if isinstance(value, bool):
-            return wanted.lower() == str(value).lower()
-        if isinstance(value, (list, tuple)):
-            return wanted.replace(" ", "") in (",".join(map(str, value)), str(list(value)).replace(" ", ""))
-        try:
-            return type(value)(wanted) == value
-        except (TypeError, ValueError):
-            return False
-    return value == wanted
-
-
 def select(rows: Iterable[Mapping[str, Any]], side: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     """The finished rows whose axis values are those of ``side``."""
-    return [r for r in rows if r.get("status") == "finished" and all(k in r and _same(r[k], v) for k, v in side.items())]
+    return [r for r in rows if r.get("status") == "finished" and all(k in r and same_value(r[k], v) for k, v in side.items())]
 
 
 def _by_seed(rows: Sequence[Mapping[str, Any]], side: Mapping[str, Any], name: str) -> dict[str, Mapping[str, Any]]:

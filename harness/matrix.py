@@ -720,35 +720,18 @@ def _matches(flat: dict[str, Any], path: str, wanted: Any, axes: dict[str, Any] 
     apart), its resolved value otherwise."""
     if axes is not None and path in axes:
         values = wanted if isinstance(wanted, list) else [wanted]
-        return any(_same(axes[path], w) for w in values)
+        return any(validate.same_value(axes[path], w) for w in values)
     value = lookup(flat, path)
     if value is _MISSING:
         return False
     values = wanted if isinstance(wanted, list) else [wanted]
-    return any(_same(value, w) for w in values)
+    return any(validate.same_value(value, w) for w in values)
 
 
 def _is(flat: dict[str, Any], path: str, wanted: Any) -> bool:
     """The cell's value at ``path`` is ``wanted`` (one value: a list is a list, not alternatives)."""
     value = lookup(flat, path)
-    return value is not _MISSING and _same(value, wanted)
-
-
-def _same(value: Any, wanted: Any) -> bool:
-    if isinstance(wanted, str) and not isinstance(value, str):  # --only gives strings
-        if isinstance(value, bool):
-            return wanted.lower() == str(value).lower()
-        try:
-            return type(value)(wanted) == value if value is not None else wanted.lower() in ("none", "")
-        except (TypeError, ValueError):
-            return False
-    if isinstance(value, bool) or isinstance(wanted, bool):
-        return value is wanted
-    if isinstance(value, tuple):
-        value = list(value)
-    if isinstance(wanted, tuple):
-        wanted = list(wanted)
-    return value == wanted
+    return value is not _MISSING and validate.same_value(value, wanted)
 
 
 def parse_cli_value(text: str) -> Any:

@@ -233,3 +233,30 @@ def build_dataclass(cls: type, data: dict[str, Any], where: str, prefix: str = "
         except (TypeError, ConstraintError) as exc:
             raise ConfigError(f"{where}: key {prefix + name!r}: {exc}") from None
     return cls(**kwargs)
+
+
+def same_value(value: Any, wanted: Any) -> bool:
+    """``value`` (a cell's typed value, or text: a command line's ``--only``, a CSV's or MLflow's
+    column) names the same thing as ``wanted``. Text is read as the other side's type: ``"0.1"``
+    is ``0.1``, ``"true"`` is ``True``, ``"none"`` or ``""`` is ``None``, ``"16,32"`` or
+    ``"[16, 32]"`` is ``[16, 32]``; a bool is never a number; a tuple equals the same list."""
+    if isinstance(value, str) and not isinstance(wanted, str):
+        value, wanted = wanted, value
+    if isinstance(wanted, str) and not isinstance(value, str):
+        if isinstance(value, bool):
+            return wanted.lower() == str(value).lower()
+        if value is None:
+            return wanted.lower() in ("none", "")
+        if isinstance(value, (list, tuple)):
+            return wanted.replace(" ", "") in (",".join(map(str, value)), str(list(value)).replace(" ", ""))
+        try:
+            return type(value)(wanted) == value
+        except (TypeError, ValueError):
+            return False
+    if isinstance(value, bool) or isinstance(wanted, bool):
+        return value is wanted
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(wanted, tuple):
+        wanted = list(wanted)
+    return value == wanted

@@ -37,11 +37,24 @@ def _read(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def _readme_table() -> list[str]:
+# Each README results section printed from a committed record: (heading's start, matrix, record).
+STUDIES = [
+    (SECTION, REPO / "benchmarks.toml", RECORD),
+    ("### Does OSR overtake vanilla BN with longer training?", REPO / "benchmarks" / "ablation-fmnist-long.toml",
+     REPO / "docs" / "results" / "ablation-fmnist-long.csv"),
+    ("### TAB and MPBN beside the baselines", REPO / "benchmarks" / "fmnist-tab-mpbn.toml",
+     REPO / "docs" / "results" / "fmnist-tab-mpbn.csv"),
+]
+
+
+def _section(heading: str) -> str:
     text = (REPO / "README.md").read_text()
-    assert SECTION in text, "the README lost the default matrix's results section"
-    section = text.split(SECTION, 1)[1].split("\n### ", 1)[0]
-    lines = section.splitlines()
+    assert f"\n{heading}" in text, f"the README lost its section {heading!r}"
+    return text.split(f"\n{heading}", 1)[1].split("\n### ", 1)[0]
+
+
+def _readme_table(heading: str = SECTION) -> list[str]:
+    lines = _section(heading).splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| trainer |"))
     end = start
     while end < len(lines) and lines[end].startswith("|"):
@@ -192,3 +205,23 @@ def test_a_matrix_with_more_axes_gets_a_column_for_each(tmp_path):
     assert lines[2:] == ["| online | vanilla_bn | fixed | mpbn | | not run yet | | | | | |",
                          "| bptt | vanilla_bn | fixed | mpbn | | not run yet | | | | | |",
                          "| bptt | tab | fixed | none | | not run yet | | | | | |"]
+
+
+@pytest.mark.parametrize("heading, matrix, record", STUDIES, ids=[m.stem for _, m, _ in STUDIES])
+def test_each_results_section_is_its_recorded_cells(heading, matrix, record, tmp_path):
+    """A study's README table and differences are the script's output from its record; a study
+    with no record says so instead of showing numbers."""
+    script = _script()
+    if not record.exists():
+        assert "No cell of it has been recorded yet" in _section(heading)
+        assert not any(line.startswith("| trainer |") for line in _section(heading).splitlines())
+        return
+    rows = script.read_csv(record)
+    assert rows and all(r["status"] == "finished" and r["code_commit"] for r in rows)
+    assert _readme_table(heading) == script.table_rows(rows, matrix)
+    from harness import get_registry
+    from harness.matrix import load_matrix
+
+    if load_matrix(matrix, get_registry()).differences:
+        results, _ = script.differences(record, matrix, tmp_path / "out")
+        assert script.format_differences(results) in _section(heading)

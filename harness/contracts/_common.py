@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import types
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import pytest
@@ -108,6 +110,56 @@ def assert_finite(t: Tensor | None, what: str) -> None:
     bad = ~torch.isfinite(t)
     if bad.any():
         raise AssertionError(f"{what}: {int(bad.sum())} of {t.numel()} values are not finite")
+
+
+# A suite's run of its component over one sequence: (module, potentials [T, ...], training) ->
+# one value per step (the output, the threshold).
+Run = Callable[[torch.nn.Module, Tensor, bool], Sequence[Any]]
+
+
+def check_state_dict_round_trip(suite: Any, registry: Registry, run: Run) -> None:
+    """A fresh module (``suite.build(registry, seed=3)``) loaded with the ``state_dict`` of one
+    trained on two sequences gives the same values in evaluation and in the next training
+    sequence, and the same state after it: a resumed cell continues exactly."""
+    trained = suite.build(registry)
+    for seq in range(2):
+        run(trained, suite.potentials(seed=seq), True)
+    fresh = suite.build(registry, seed=3)
+    fresh.load_state_dict(copy.deepcopy(trained.state_dict()))
+    u = suite.potentials(seed=4)
+    for training in (False, True):
+        for t, (a, b) in enumerate(zip(run(fresh, u, training), run(trained, u, training), strict=True)):
+            assert_close(a, b, f"{suite.name}: after load_state_dict, {'training' if training else 'evaluation'} step {t + 1}",
+                         suite.rtol, suite.atol)
+    for (key, a), (_, b) in zip(fresh.state_dict().items(), trained.state_dict().items(), strict=True):
+        assert_close(a, b, f"{suite.name}: state {key} after the next training sequence", suite.rtol, suite.atol)
+
+
+def check_dtype_and_device(suite: Any, registry: Registry, run: Run, what: str,
+                           as_tensor: Callable[[Any, Tensor], Tensor] = lambda value, like: value) -> None:
+    """After ``.to(torch.float64)`` a float64 potential gives float64 values (the float32 ones up
+    to rounding); after ``.to(device)`` (CUDA, else ``meta``) the values are made there. A value
+    that is a plain number (a threshold may be) has no dtype or device to check; ``as_tensor``
+    makes it comparable."""
+    ref = suite.build(registry)
+    u = suite.potentials()
+    wide = copy.deepcopy(ref).to(torch.float64)
+    for training in (True, False):
+        for t, (a, b) in enumerate(zip(run(ref, u, training), run(wide, u.double(), training), strict=True)):
+            if isinstance(b, Tensor):
+                assert b.dtype == torch.float64, f"{suite.name}: float64 potential, {what} is {b.dtype} (step {t + 1})"
+            assert_close(as_tensor(b, u).double(), as_tensor(a, u).double(),
+                         f"{suite.name}: float64 against float32 {what}, step {t + 1}", 1e-4, 1e-4)
+    device = other_device()
+    moved = copy.deepcopy(ref).to(device)
+    for training in (True, False):
+        try:
+            values = run(moved, u.to(device), training)
+        except (RuntimeError, NotImplementedError) as exc:
+            pytest.fail(f"{suite.name} on {device}: {type(exc).__name__}: {exc}")
+        for t, value in enumerate(values):
+            assert not isinstance(value, Tensor) or value.device.type == device.type, (
+                f"{suite.name}: on {device}, the {what} of step {t + 1} is on {value.device}")
 
 
 def other_device() -> torch.device:

@@ -18,14 +18,14 @@ What a membrane normalization may declare (class attributes of the module):
 
 from __future__ import annotations
 
-import copy
 from typing import Any, ClassVar
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from harness.contracts._common import Contract, assert_close, assert_finite, draw_parameters, other_device
+from harness.contracts._common import (Contract, assert_close, assert_finite, check_dtype_and_device, check_state_dict_round_trip,
+                                      draw_parameters)
 from harness.registry import ComponentInfo, Registry
 from harness.snn import LIFNeuron, MembraneNorm, SpikingSequential, begin_sequence, end_sequence, run_sequence
 
@@ -161,38 +161,12 @@ class MembraneNormContract(Contract):
         """A fresh module loaded with a trained one's ``state_dict`` gives the same output in
         evaluation and in the next training sequence, and the same state after it (a resumed cell
         continues exactly)."""
-        trained = self.build(contract_registry)
-        for seq in range(2):
-            self.outputs(trained, self.potentials(seed=seq), True)
-        fresh = self.build(contract_registry, seed=3)
-        fresh.load_state_dict(copy.deepcopy(trained.state_dict()))
-        u = self.potentials(seed=4)
-        for training in (False, True):
-            for t, (a, b) in enumerate(zip(self.outputs(fresh, u, training), self.outputs(trained, u, training), strict=True)):
-                assert_close(a, b, f"{self.name}: after load_state_dict, {'training' if training else 'evaluation'} step {t + 1}",
-                             self.rtol, self.atol)
-        for (key, a), (_, b) in zip(fresh.state_dict().items(), trained.state_dict().items(), strict=True):
-            assert_close(a, b, f"{self.name}: state {key} after the next training sequence", self.rtol, self.atol)
+        check_state_dict_round_trip(self, contract_registry, self.outputs)
 
     def test_to_another_dtype_and_device(self, contract_registry: Registry) -> None:
         """After ``.to(torch.float64)`` a float64 potential gives float64 outputs (the float32
         numbers up to rounding); after ``.to(device)`` (CUDA, else ``meta``) the outputs are made there."""
-        ref = self.build(contract_registry)
-        wide = copy.deepcopy(ref).to(torch.float64)
-        u = self.potentials()
-        for training in (True, False):
-            for t, (a, b) in enumerate(zip(self.outputs(ref, u, training), self.outputs(wide, u.double(), training), strict=True)):
-                assert b.dtype == torch.float64, f"{self.name}: float64 potential, output {b.dtype} (step {t + 1})"
-                assert_close(b, a.double(), f"{self.name}: float64 against float32, step {t + 1}", 1e-4, 1e-4)
-        device = other_device()
-        moved = copy.deepcopy(ref).to(device)
-        for training in (True, False):
-            try:
-                outs = self.outputs(moved, u.to(device), training)
-            except (RuntimeError, NotImplementedError) as exc:
-                pytest.fail(f"{self.name} on {device}: {type(exc).__name__}: {exc}")
-            for t, n in enumerate(outs):
-                assert n.device.type == device.type, f"{self.name}: on {device}, the output of step {t + 1} is on {n.device}"
+        check_dtype_and_device(self, contract_registry, self.outputs, "output")
 
     def test_constant_potential_gives_finite_output(self, contract_registry: Registry) -> None:
         """A layer whose potential is the same everywhere (zero spread, as a silent layer's)

@@ -7,14 +7,13 @@ membrane potential ``u[t]`` and gives ``theta[t]``. Subclass :class:`ThresholdCo
 
 from __future__ import annotations
 
-import copy
 from typing import Any, ClassVar
 
 import pytest
 import torch
 from torch import Tensor, nn
 
-from harness.contracts._common import Contract, assert_close, assert_finite, other_device
+from harness.contracts._common import Contract, assert_close, assert_finite, check_dtype_and_device, check_state_dict_round_trip
 from harness.registry import ComponentInfo, Registry
 from harness.snn import LIFNeuron, SpikingSequential, begin_sequence, end_sequence, run_sequence
 
@@ -106,43 +105,14 @@ class ThresholdContract(Contract):
     def test_state_dict_round_trip(self, contract_registry: Registry) -> None:
         """A fresh policy loaded with a trained one's ``state_dict`` gives the same thresholds in
         evaluation and in the next training sequence, and the same state after it."""
-        trained = self.build(contract_registry)
-        for seq in range(2):
-            self.thetas(trained, self.potentials(seed=seq), True)
-        fresh = self.build(contract_registry, seed=3)
-        fresh.load_state_dict(copy.deepcopy(trained.state_dict()))
-        u = self.potentials(seed=4)
-        for training in (False, True):
-            for t, (a, b) in enumerate(zip(self.thetas(fresh, u, training), self.thetas(trained, u, training), strict=True)):
-                assert_close(self.as_tensor(a, u), self.as_tensor(b, u),
-                             f"{self.name}: after load_state_dict, {'training' if training else 'evaluation'} step {t + 1}",
-                             self.rtol, self.atol)
-        for (key, a), (_, b) in zip(fresh.state_dict().items(), trained.state_dict().items(), strict=True):
-            assert_close(a, b, f"{self.name}: state {key} after the next training sequence", self.rtol, self.atol)
+        check_state_dict_round_trip(self, contract_registry,
+                                    lambda policy, u, training: [self.as_tensor(x, u) for x in self.thetas(policy, u, training)])
 
     def test_to_another_dtype_and_device(self, contract_registry: Registry) -> None:
         """After ``.to(torch.float64)`` a float64 potential gives float64 thresholds (the float32
         numbers up to rounding); after ``.to(device)`` (CUDA, else ``meta``) the thresholds are
         made there."""
-        ref = self.build(contract_registry)
-        u = self.potentials()
-        wide = copy.deepcopy(ref).to(torch.float64)
-        for training in (True, False):
-            for t, (a, b) in enumerate(zip(self.thetas(ref, u, training), self.thetas(wide, u.double(), training), strict=True)):
-                if isinstance(b, Tensor):
-                    assert b.dtype == torch.float64, f"{self.name}: float64 potential, theta is {b.dtype} (step {t + 1})"
-                assert_close(self.as_tensor(b, u).double(), self.as_tensor(a, u).double(),
-                             f"{self.name}: float64 against float32 thresholds, step {t + 1}", 1e-4, 1e-4)
-        device = other_device()
-        moved = copy.deepcopy(ref).to(device)
-        for training in (True, False):
-            try:
-                thetas = self.thetas(moved, u.to(device), training)
-            except (RuntimeError, NotImplementedError) as exc:
-                pytest.fail(f"{self.name} on {device}: {type(exc).__name__}: {exc}")
-            for t, theta in enumerate(thetas):
-                assert not isinstance(theta, Tensor) or theta.device.type == device.type, (
-                    f"{self.name}: on {device}, theta of step {t + 1} is on {theta.device}")
+        check_dtype_and_device(self, contract_registry, self.thetas, "threshold", self.as_tensor)
 
     def test_constant_potential_gives_finite_thresholds(self, contract_registry: Registry) -> None:
         """A layer whose potential is the same everywhere (zero spread) gets finite thresholds."""

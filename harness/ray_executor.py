@@ -445,8 +445,18 @@ class RayExecutor:
                             len(matrix.cells))
                 warming += [warm_task.options(num_cpus=cpus, scheduling_strategy=on_node).remote(registry.plugins)
                             for _ in range(slots - 1)]
-            answers = ray.get(futures)
-            ray.get(warming)
+            try:
+                answers = ray.get(futures)
+                ray.get(warming)
+            except ray.exceptions.RayError as exc:  # before the probe's body: its arguments did not unpickle there
+                self.node_data = {}
+                first = next((line for line in str(exc).splitlines() if "Error" in line), str(exc).strip()[:300])
+                raise HarnessError(
+                    f"the preflight could not start on a Ray worker ({type(exc).__name__}: {first.strip()}). Every plugin "
+                    "must be importable on every node, from the environment the workers run in: install the plugin's "
+                    "package there (a plugin given as an object must be defined in an importable module, not in a "
+                    "script or a notebook)"
+                ) from exc
         finally:
             probe.unlink(missing_ok=True)
         self.preflight_s = time.perf_counter() - began

@@ -436,6 +436,35 @@ def test_a_plugin_missing_where_the_cells_run_fails_the_preflight_naming_it(harn
     assert not _runs(tmp_path / "ray", "killed")[2]  # nothing trained (the store itself is opened during the preflight)
 
 
+def test_a_plugin_the_workers_cannot_import_fails_the_preflight_with_what_to_do(harness_run, tmp_path, monkeypatch, capsys):
+    """A plugin object whose module only the driver can import (a script's directory on the
+    driver's sys.path): its workers cannot unpickle the probe's arguments. A clear error, no
+    Ray traceback, nothing trained."""
+    import dataclasses
+
+    import harness.registry as registry_module
+
+    (tmp_path / "driver_only_plugin.py").write_text("class DriverOnly:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from driver_only_plugin import DriverOnly
+
+    real = registry_module.build_registry
+
+    def with_driver_only(pm):
+        registry = real(pm)
+        extra = (*registry.plugins.extra_plugins, (DriverOnly(), "driver_only"))
+        registry.plugins = dataclasses.replace(registry.plugins, extra_plugins=extra)
+        return registry
+
+    monkeypatch.setattr(registry_module, "build_registry", with_driver_only)
+    matrix = _slow_cell(tmp_path)
+    assert harness_run(matrix, tmp_path / "ray", "--executor", "ray") == 4
+    err = capsys.readouterr().err
+    assert "the preflight could not start on a Ray worker" in err and "driver_only_plugin" in err, err
+    assert "must be importable on every node" in err and "Traceback" not in err
+    assert not _runs(tmp_path / "ray", "killed")[2]
+
+
 def test_a_node_that_cannot_read_the_drivers_checkpoint_directory_is_named(tmp_path):
     from harness.ray_executor import node_probe
     from harness.registry import get_registry

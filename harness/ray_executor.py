@@ -259,9 +259,8 @@ class CellTiming:
     """Ray's cost for a cell, seen from the driver, counted from the moment the cell could start:
     its submission, or for a cell submitted while every slot of the cluster was taken (it waits in
     Ray's queue), the arrival of the end that freed a slot for it, first come first served.
-    ``to_start_s``: from there to the
-    arrival of its first event (scheduling, a worker's start where none was ready, the registry
-    and the data set in the worker). ``overhead_s``: from there to the arrival of its end, minus
+    ``to_start_s``: from there to the arrival of its first event (scheduling, a worker's start
+    where none was ready, the registry and the data set in the worker). ``overhead_s``: from there to the arrival of its end, minus
     the cell's own ``duration_s``: the time its slot spent on it outside the cell itself.
     ``queued_s``: from its submission to the moment it could start (0 for a cell that found a
     free slot), counted in neither of the others."""
@@ -490,7 +489,7 @@ class RayExecutor:
         fit = self._fit(cells) if cells else 0
         self._queued = []
         if cells:
-            print(f"harness: ray: {self._describe(cells, limit)}", file=self.stream)
+            print(f"harness: ray: {self._describe(cells, min(limit, fit))}", file=self.stream)
         try:
             while pending or running:
                 while pending and len(running) < limit:
@@ -549,7 +548,7 @@ class RayExecutor:
         cpus, gpus = self.resources(cells[0])
         nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
         each = f"{cpus} CPU" + (f" and {gpus:g} GPU" if gpus else "")
-        return f"up to {min(limit, self._fit(cells), len(cells))} cell(s) at a time, {each} each, on {nodes} node(s)"
+        return f"up to {min(limit, len(cells))} cell(s) at a time, {each} each, on {nodes} node(s)"
 
     def _fit(self, cells: Sequence[Any]) -> int:
         """How many of the cells the cluster's resources hold at once (Ray queues the rest)."""
@@ -564,19 +563,11 @@ class RayExecutor:
 
     def _slot_freed(self, state: _Running) -> None:
         """A cell left its slot: the first cell still waiting in Ray's queue could start from now."""
-        if state in self._queued:  # it never got a slot of its own (e.g. the worker died before its start)
+        if state in self._queued:  # it never had a slot (e.g. its worker died before its start): it freed none
             self._queued.remove(state)
+            return
         if self._queued:
             self._queued.pop(0).ready = time.perf_counter()
-
-    @staticmethod
-    def _first_item(state: _Running, now: float, queued: list[_Running]) -> None:
-        """The cell's first item arrived: a cell still counted as waiting got a slot nobody freed
-        that the driver saw (Ray's resources were larger than counted): it could start when submitted."""
-        state.first_item = now
-        if state.ready is None:
-            queued.remove(state)
-            state.ready = state.started
 
     def _timing_line(self) -> str:
         """Ray's cost outside the cells (``--verbose``): median and range over the cells."""
@@ -609,7 +600,10 @@ class RayExecutor:
             return self._died(gen, state, f"{type(exc).__name__}: {exc}", delivery)
         now = time.perf_counter()
         if state.first_item is None:
-            self._first_item(state, now, self._queued)
+            state.first_item = now
+            if state.ready is None:  # it started before the driver saw a slot freed: Ray had more room than counted
+                self._queued.remove(state)
+                state.ready = state.started
         if isinstance(item, WorkerReport):
             self.reports[cell.id] = item
             return None

@@ -70,6 +70,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# MLflow's server imports for tens of seconds on a loaded two-core machine (over 60 s has been
+# seen): a test waits this long for one, and fails at once if the process has exited.
+SERVER_START_S = 240.0
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = SERVER_START_S) -> None:
+    """Wait until ``url`` answers 200; raise if ``proc`` exits first or ``timeout`` passes."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+        time.sleep(0.3)
+
+
+def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
+    """A real ``mlflow server`` on 127.0.0.1 (one worker, its own SQLite store and artifact
+    root under ``root``), in its own process group, answering; returns it and its URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
+    except BaseException:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+        raise
+    return proc, f"http://127.0.0.1:{port}"
+
+
 TINY_DEFAULTS = """
 # A tiny matrix: digits, one epoch of two batches, a one-stage network. Tests add axes to it.
 [defaults]

@@ -20,12 +20,11 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, TINY_DEFAULTS, free_port
+from conftest import REPO, TINY_DEFAULTS, start_mlflow_server
 
 pytestmark = pytest.mark.usefixtures("ray_instance")
 
@@ -517,24 +516,8 @@ def test_a_tracking_server_that_goes_away_fails_the_cells_it_cannot_record_with_
     the writes, then fails every cell it could not record, saying why; the result files keep
     every epoch the cells finished (nothing dropped silently), and the run ends without a
     traceback."""
-    import urllib.request
-
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    server, url = start_mlflow_server(tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).close()
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "the MLflow server did not start"
-                time.sleep(0.2)
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the harness's retries, not MLflow's, are under test
         monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
 
@@ -545,7 +528,7 @@ def test_a_tracking_server_that_goes_away_fails_the_cells_it_cannot_record_with_
 
         matrix = _matrix(tmp_path, "[execution]\ncpus_per_cell = 1\n[matrix]\nseed = [0, 1]\n", "gone", epochs=3, delay=0.2)
         log = EventLog(stop_server)
-        rc = harness_run(matrix, tmp_path / "results", "--executor", "ray", "--tracking-uri", f"http://127.0.0.1:{port}", log=log)
+        rc = harness_run(matrix, tmp_path / "results", "--executor", "ray", "--tracking-uri", url, log=log)
     finally:
         if server.poll() is None:
             os.killpg(server.pid, signal.SIGKILL)

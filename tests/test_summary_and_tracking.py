@@ -6,11 +6,10 @@ import csv
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, start_mlflow_server, wait_http
 
 from harness.summary import merge, write_summary
 from harness.session import resolve_tracking_uri
@@ -51,36 +50,12 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
     assert resolve_tracking_uri(tmp_path, cli="sqlite:///rel/m.db") == f"sqlite:///{tmp_path.resolve()}/rel/m.db"
 
 
-
-
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(url)
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """A real ``mlflow server`` on 127.0.0.1 with its own SQLite store and artifact root."""
-    tmp = tmp_path_factory.mktemp("server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}", "--artifacts-destination", str(tmp / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    proc, url = start_mlflow_server(tmp_path_factory.mktemp("server"))
     try:
-        _wait_http(f"http://127.0.0.1:{port}/health", proc)
-        yield f"http://127.0.0.1:{port}"
+        yield url
     finally:
         stop_process_group(proc)
 
@@ -124,7 +99,7 @@ def test_ui_command_serves_the_store(tmp_path):
         line = proc.stdout.readline()  # printed once the UI answers
         assert f"MLflow UI on http://127.0.0.1:{port}" in line and "mlflow.db" in line
         assert proc.stdout.readline().strip().startswith(f"runs of experiment 'snn-harness': http://127.0.0.1:{port}/#/experiments/")
-        _wait_http(f"http://127.0.0.1:{port}/health", proc)
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
         ui_pid = _child_pids(proc.pid)
         assert ui_pid, "harness ui started no mlflow process"
         cmdline = Path(f"/proc/{ui_pid[0]}/cmdline").read_text().split("\0")

@@ -5,9 +5,11 @@ The training loop never imports this module: tracking happens in an observer plu
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +48,26 @@ def client(uri: str) -> Any:
         if logger.getEffectiveLevel() < logging.WARNING:
             logger.setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=uri)
+
+
+@contextlib.contextmanager
+def answered(uri: str, doing: str) -> Iterator[None]:
+    """Say plainly when the tracking server at ``uri`` did not answer a request made while
+    ``doing`` (before any cell ran): a refused connection or a timeout (MLflow's ``API request
+    to ... failed``) becomes a :class:`HarnessError` saying so; any other error is left as it is.
+    """
+    try:
+        yield
+    except Exception as exc:
+        from mlflow.exceptions import MlflowException
+
+        if not (isinstance(exc, MlflowException) and str(exc.message).startswith("API request to")):
+            raise
+        raise HarnessError(
+            f"the tracking server {uri} did not answer while {doing}, so no cell was run: {exc.message} "
+            "(MLflow waits MLFLOW_HTTP_REQUEST_TIMEOUT seconds per request and retries "
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES times); run again once it answers"
+        ) from None
 
 
 def ensure_experiment(mlflow_client: Any, name: str, artifact_root: Path | None) -> str:

@@ -65,6 +65,11 @@ class MlflowTracker:
 
     @hookimpl
     def on_matrix_start(self, run: Any) -> None:
+        with tracking.answered(run.tracking_uri, "opening the matrix's run"):
+            self._open(run)
+
+    def _open(self, run: Any) -> None:
+        """The experiment, the dead runs reconciled, and the matrix's parent run with its params."""
         from mlflow.entities import Param
 
         self.run = run
@@ -204,13 +209,15 @@ class MlflowTracker:
 
     @hookimpl
     def recorded_code(self, matrix: Any, tracking_uri: str, experiment: str) -> dict[str, dict[str, str]]:
-        return tracking.finished_code(tracking.client(tracking_uri), experiment, matrix.name)
+        with tracking.answered(tracking_uri, "reading the code the finished cells ran with"):
+            return tracking.finished_code(tracking.client(tracking_uri), experiment, matrix.name)
 
     @hookimpl
     def finished_cells(self, matrix: Any, tracking_uri: str, experiment: str) -> list[str]:
-        client = tracking.client(tracking_uri)
-        tracking.reconcile_dead_runs(client, experiment, matrix.name)  # also when nothing is left to run
-        return tracking.finished_cell_ids(client, experiment, matrix.name)
+        with tracking.answered(tracking_uri, "looking up the cells that already finished"):
+            client = tracking.client(tracking_uri)
+            tracking.reconcile_dead_runs(client, experiment, matrix.name)  # also when nothing is left to run
+            return tracking.finished_cell_ids(client, experiment, matrix.name)
 
 
 @hookimpl

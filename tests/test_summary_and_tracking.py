@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -51,13 +53,21 @@ def test_tracking_uri_precedence(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` on 127.0.0.1 with its own SQLite store and artifact root."""
+def mlflow_server_process(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 with its own SQLite store and artifact root: the
+    process (a test may pause it) and its URL."""
     proc, url = start_mlflow_server(tmp_path_factory.mktemp("server"))
     try:
-        yield url
+        yield proc, url
     finally:
+        os.killpg(proc.pid, signal.SIGCONT)
         stop_process_group(proc)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(mlflow_server_process):
+    """The URL of a real ``mlflow server`` on 127.0.0.1."""
+    return mlflow_server_process[1]
 
 
 def test_tracking_uri_in_the_toml_points_a_run_at_a_real_server(mlflow_server, tmp_path, tiny_matrix):
@@ -84,6 +94,40 @@ def test_tracking_uri_in_the_toml_points_a_run_at_a_real_server(mlflow_server, t
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["history.csv", "plots", "summary.csv", "summary.md"]
     plots = [a.path for a in client.list_artifacts(parent.info.run_id, "plots")]
     assert plots == ["plots/firing_rate_per_step.png", "plots/test_accuracy.png"]
+
+
+@pytest.mark.parametrize("rerun", [False, True], ids=["looking-up-finished-cells", "opening-the-matrix-run"])
+def test_a_tracking_server_that_stops_answering_before_the_first_cell_is_said_plainly(
+        mlflow_server_process, tmp_path, tiny_matrix, monkeypatch, capsys, rerun):
+    """The server answers ``/health``, then hangs (SIGSTOP): the next request times out, and the
+    run ends with a sentence that names the server and what the harness was doing (the look-up
+    of finished cells; with ``--rerun``, which skips it, the opening of the matrix's run), not
+    with a traceback; no cell ran."""
+    import harness.session as session
+    from harness.cli import ExitCode, main
+
+    proc, url = mlflow_server_process
+    real = session.check_tracking
+
+    def answer_then_hang(uri, *args, **kwargs):
+        real(uri, *args, **kwargs)
+        os.killpg(proc.pid, signal.SIGSTOP)
+
+    monkeypatch.setattr(session, "check_tracking", answer_then_hang)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    path = tiny_matrix(name="hung")
+    try:
+        rc = main(["run", "--matrix", str(path), "--results", str(tmp_path / "r"), "--tracking-uri", url,
+                   *(["--rerun"] if rerun else [])])
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+    err = capsys.readouterr().err
+    assert rc == ExitCode.USAGE_ERROR and "Traceback" not in err, err[-3000:]
+    doing = "opening the matrix's run" if rerun else "looking up the cells that already finished"
+    assert f"harness: error: the tracking server {url} did not answer while {doing}, so no cell was run: API request to" in err
+    assert "timeout" in err and "MLFLOW_HTTP_REQUEST_TIMEOUT" in err
+    assert not (tmp_path / "r" / "hung" / "history.csv").exists() or "test_top1" not in (tmp_path / "r" / "hung" / "history.csv").read_text()
 
 
 def test_ui_command_serves_the_store(tmp_path):

@@ -46,7 +46,8 @@ class CellResult:
     status: str  # "finished" | "failed" | "killed"
     metrics: dict[str, float] = field(default_factory=dict)  # final epoch's metrics + best_test_top1
     epochs_completed: int = 0
-    duration_s: float = 0.0
+    duration_s: float = 0.0  # seconds in the cell, a resumed cell's earlier sittings included
+    earlier_s: float = 0.0  # of which earlier sittings (up to the checkpoint it resumed from); 0 unless resumed
     error: str | None = None  # traceback text of a failed cell
     error_type: str | None = None
     error_message: str | None = None  # why, in a line or two: "ValueError: Invalid learning rate: -0.1"

@@ -655,7 +655,8 @@ class RayExecutor:
         """Record a cell's end; returns the result and whether a Ctrl-C came meanwhile."""
         if state.end_item is not None and state.first_item is not None and state.ready is not None:  # the worker's own end
             self.timings[result.cell_id] = CellTiming(
-                state.first_item - state.ready, state.end_item - state.ready - result.duration_s, state.ready - state.started)
+                state.first_item - state.ready, state.end_item - state.ready - (result.duration_s - result.earlier_s),
+                state.ready - state.started)
         if not result.duration_s:
             result = dataclasses.replace(result, duration_s=time.perf_counter() - state.started)
         interrupted = False

@@ -76,23 +76,27 @@ def run_cell(cell: Cell, registry: Registry, hook: Any, checkpoint_dir: Path | N
     result = CellResult(cell.id, cell.label, "failed")
     ckpt = checkpoint_dir / cell.id if checkpoint_dir is not None else None
     engine = Engine(hook)
+
+    def timed() -> None:  # this sitting's time, after the earlier ones a checkpoint carried
+        result.duration_s = result.earlier_s + time.perf_counter() - start
+
     try:
         with devices.backend_settings(cell.config.deterministic, cell.config.cudnn_benchmark):
-            _train(cell, registry, engine, result, ckpt, preloaded)
+            _train(cell, registry, engine, result, ckpt, preloaded, clock=lambda: result.earlier_s + time.perf_counter() - start)
         result.status = "finished"
     except KeyboardInterrupt as exc:
         result.status = "killed"
-        result.duration_s = time.perf_counter() - start
+        timed()
         hook.on_cell_end(cell=cell, result=result)
         raise CellInterrupted(result) from exc
     except parallel.GroupBroken as exc:  # recorded as failed (checkpoint kept), then the run ends
         _failed(result, exc)
-        result.duration_s = time.perf_counter() - start
+        timed()
         hook.on_cell_end(cell=cell, result=result)
         raise
     except Exception as exc:  # isolation: one bad cell never takes down the matrix
         _failed(result, exc)
-    result.duration_s = time.perf_counter() - start
+    timed()
     hook.on_cell_end(cell=cell, result=result)  # recorded first: a crash here keeps the checkpoint
     if remove_checkpoint and ckpt is not None and checkpoint_done(result):
         engine.remove_checkpoint(ckpt)
@@ -173,7 +177,10 @@ def _match_lazy_buffers(copy: nn.Module, model: nn.Module) -> None:
             copy.get_submodule(owner)._buffers[leaf] = buf.detach().clone()
 
 
-def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, ckpt: Path | None, preloaded: Any = None) -> None:
+def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, ckpt: Path | None, preloaded: Any = None,
+           clock: Callable[[], float] = lambda: 0.0) -> None:
+    """Build, resume and train the cell into ``result``; ``clock()``: the seconds the cell has
+    taken so far, earlier sittings included (each checkpoint keeps it, as ``elapsed_s``)."""
     cfg, hook = cell.config, engine.hook
     with engine.hold():  # build the cell: its errors are agreed on by every process
         engine.check(cfg)
@@ -207,6 +214,7 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
         first_epoch, best = int(state["epoch"]) + 1, float(state["best"])
         best_ema = float(state.get("best_ema", -math.inf))
         result.metrics, result.epochs_completed = dict(state["metrics"]), int(state["epoch"])
+        result.earlier_s = float(state.get("elapsed_s", 0.0))  # a checkpoint of an older harness has none
     hook.on_cell_start(cell=cell, info=info)
     if state is not None and checkpoint.told(ckpt) != state["epoch"]:  # type: ignore[arg-type]
         # killed after the checkpoint, before the observers heard of its epoch: tell them now
@@ -259,6 +267,7 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
             if saving:
                 engine.save_checkpoint(ckpt, cell.id, lambda: {  # type: ignore[arg-type]
                     "epoch": epoch,
+                    "elapsed_s": clock(),
                     "best": best,
                     "metrics": metrics,
                     "model": model.state_dict(),

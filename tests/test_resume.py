@@ -146,26 +146,56 @@ class _Observers:
             observers.add(o, f"o{i}")
 
 
+class Ends:
+    """An observer that keeps each cell's result and each epoch's time."""
+
+    def __init__(self) -> None:
+        self.results, self.epoch_times = [], {}
+
+    @hookimpl
+    def on_epoch_end(self, cell, epoch, metrics):
+        self.epoch_times[(cell.id, epoch)] = metrics["epoch_time_s"]
+
+    @hookimpl
+    def on_cell_end(self, cell, result):
+        self.results.append(result)
+
+
 def test_an_interrupted_cell_is_killed_then_resumes_with_the_same_result(tmp_path, monkeypatch, capsys):
     path = _matrix(tmp_path, epochs=3, seeds="[0, 1]", trainer="online")
     reference = tmp_path / "reference"
     assert _run(path, reference) == ExitCode.OK
 
     results = tmp_path / "results"
+    first, second = Ends(), Ends()
     with monkeypatch.context() as m:
-        _with_plugins(m, _Observers(StopAfter(epoch=2)))
+        _with_plugins(m, _Observers(StopAfter(epoch=2), first))
         assert _run(path, results) == ExitCode.INTERRUPTED
     err = capsys.readouterr().err
     assert "1 killed" in err and "(interrupted)" in err
     (killed,) = _cell_runs(results)
     assert killed.info.status == "KILLED" and killed.data.tags["harness.status"] == "killed"
 
-    assert _run(path, results) == ExitCode.OK
+    with monkeypatch.context() as m:
+        _with_plugins(m, _Observers(second))
+        assert _run(path, results) == ExitCode.OK
     err = capsys.readouterr().err
     assert "resumed after epoch 2" in err, err  # told of epoch 2 after its checkpoint was written
     runs = _cell_runs(results)
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
     assert _final(_summary(results, "surv")) == _final(_summary(reference, "surv"))
+
+    # The resumed cell's time is both sittings': the first up to its epoch-2 checkpoint (which
+    # holds its two epochs), then the second's (which holds epoch 3).
+    (stopped,) = first.results
+    resumed = next(r for r in second.results if r.cell_id == stopped.cell_id)
+    before = first.epoch_times[(stopped.cell_id, 1)] + first.epoch_times[(stopped.cell_id, 2)]
+    assert before < resumed.earlier_s <= stopped.duration_s
+    assert resumed.duration_s >= resumed.earlier_s + second.epoch_times[(stopped.cell_id, 3)]
+    row = next(r for r in _summary(results, "surv") if r["cell_id"] == stopped.cell_id)
+    assert float(row["duration_s"]) == pytest.approx(resumed.duration_s, abs=0.01)  # written to 0.01 s
+    fresh = next(r for r in second.results if r.cell_id != stopped.cell_id)
+    assert fresh.earlier_s == 0.0 and fresh.duration_s > 0
 
 
 def test_a_rerun_skips_finished_cells_and_rerun_forces_them(tmp_path, capsys):

@@ -225,21 +225,36 @@ def gap_per_epoch(
     rows: Sequence[Mapping[str, Any]], history: Iterable[Mapping[str, Any]], diff: Difference, level: float = LEVEL
 ) -> list[tuple[int, float, float | None, float | None, int]]:
     """``[(epoch, mean, low, high, n)]``: the paired difference at each epoch of the history."""
+    by_epoch: dict[int, list[float]] = {}
+    for points in gap_per_seed(rows, history, diff).values():
+        for epoch, gap in points:
+            by_epoch.setdefault(epoch, []).append(gap)
+    out = []
+    for epoch in sorted(by_epoch):
+        mean, _, low, high = interval(by_epoch[epoch], level)
+        out.append((epoch, mean, low, high, len(by_epoch[epoch])))  # type: ignore[arg-type]
+    return out
+
+
+def gap_per_seed(
+    rows: Sequence[Mapping[str, Any]], history: Iterable[Mapping[str, Any]], diff: Difference
+) -> dict[str, list[tuple[int, float]]]:
+    """``{seed: [(epoch, a - b)]}``: each paired seed's difference at the epochs both sides
+    recorded (in points for a percentage metric), seeds in order: the spread behind
+    :func:`gap_per_epoch`'s mean."""
     from harness.report import curves
 
     a = _by_seed(select(rows, diff.a), diff.a, diff.name)
     b = _by_seed(select(rows, diff.b), diff.b, diff.name)
-    pairs = [(a[s]["cell_id"], b[s]["cell_id"]) for s in sorted(set(a) & set(b), key=_seed_key)]
+    seeds = sorted(set(a) & set(b), key=_seed_key)
     scale = 100.0 if diff.metric in PERCENT_METRICS else 1.0
-    history = list(history)
-    by_cell = curves(history, diff.metric, [c for pair in pairs for c in pair])
-    epochs = sorted({e for pair in pairs for e in by_cell.get(pair[0], {}) if e in by_cell.get(pair[1], {})})
-    out = []
-    for epoch in epochs:
-        gaps = [scale * (by_cell[ca][epoch] - by_cell[cb][epoch]) for ca, cb in pairs
-                if epoch in by_cell.get(ca, {}) and epoch in by_cell.get(cb, {})]
-        mean, _, low, high = interval(gaps, level)
-        out.append((epoch, mean, low, high, len(gaps)))  # type: ignore[arg-type]
+    by_cell = curves(list(history), diff.metric, [a[s]["cell_id"] for s in seeds] + [b[s]["cell_id"] for s in seeds])
+    out = {}
+    for seed in seeds:
+        ca, cb = by_cell.get(a[seed]["cell_id"], {}), by_cell.get(b[seed]["cell_id"], {})
+        points = [(epoch, scale * (ca[epoch] - cb[epoch])) for epoch in sorted(set(ca) & set(cb))]
+        if points:
+            out[seed] = points
     return out
 
 
@@ -286,7 +301,8 @@ def write_differences(
     out_dir: Path, rows: Sequence[Mapping[str, Any]], history: Sequence[Mapping[str, Any]], differences: Sequence[Difference]
 ) -> tuple[list[PairedDifference], list[Path]]:
     """``differences.md``, ``differences.csv`` and ``plots/gap_<name>.png`` (the paired gap per
-    epoch with its interval, where the history has epochs of both sides) under ``out_dir``."""
+    epoch with its interval and each seed's gap, where the history has epochs of both sides)
+    under ``out_dir``."""
     from harness import plots
     from harness.atomic import write_text
 
@@ -302,6 +318,7 @@ def write_differences(
         if curve:
             written.append(plots.plot_gap_per_epoch(
                 {diff.name: curve}, out_dir / "plots" / f"gap_{_file_name(diff.name)}.png",
+                seeds=gap_per_seed(rows, history, diff),
                 ylabel=f"{diff.metric} a - b" + (" (points)" if diff.metric in PERCENT_METRICS else ""),
                 title=f"{diff.name}\na = {side_text(diff.a)}\nb = {side_text(diff.b)}"))
     return results, written

@@ -146,28 +146,38 @@ def plot_gap_per_epoch(
     *,
     ylabel: str = "difference a - b",
     title: str = "Paired difference per epoch",
+    seeds: Mapping[str, Sequence[tuple[int, float]]] | None = None,
 ) -> Path:
     """The paired difference of two configurations at each epoch, with its interval as a band.
 
     ``series[label]`` holds ``(epoch, mean, low, high, n)`` as :func:`harness.differences.gap_per_epoch`
     returns them: the mean over the paired seeds of ``a - b`` and its interval (``None`` where fewer
     than two seeds pair: no band there). A line at 0 marks where the order of the two turns.
+    ``seeds[seed]``: that seed's ``(epoch, a - b)`` (:func:`harness.differences.gap_per_seed`),
+    drawn thin behind the mean: the spread the interval summarizes (one series only).
 
-    :raises ValueError: if ``series`` is empty or holds no point.
+    :raises ValueError: if ``series`` is empty or holds no point, or ``seeds`` comes with more
+        than one series.
     """
     name = "plot_gap_per_epoch"
     items = _items(name, series, "series")
     _require_points(name, "series", (len(pts) for _, pts in items))
+    if seeds and len(items) > 1:
+        raise ValueError(f"{name}: seeds= draws the spread of one series; got {len(items)} series")
     (fig, (ax,)) = _line_figure(len(items), title=title)
     colors = _palette(len(items))
     ax.axhline(0.0, color="0.4", linewidth=1.0, linestyle="--")
+    for k, (seed, pts) in enumerate((seeds or {}).items()):
+        label = f"seed {seed}" if len(seeds or {}) <= 5 else ("each seed" if k == 0 else None)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[0], alpha=0.45, linewidth=0.9,
+                linestyle=_LINESTYLES[(k + 1) % len(_LINESTYLES)], marker=".", markersize=3, label=label)
     for i, (label, pts) in enumerate(items):
         epochs = np.array([p[0] for p in pts], dtype=float)
         mean = np.array([p[1] for p in pts], dtype=float)
         low = np.array([np.nan if p[2] is None else p[2] for p in pts], dtype=float)
         high = np.array([np.nan if p[3] is None else p[3] for p in pts], dtype=float)
         n = max(p[4] for p in pts)
-        _plot_line(ax, i, len(items), f"a - b (n={n} seeds)" if len(items) == 1 else f"{label} (n={n})", epochs, mean)
+        _plot_line(ax, i, len(items), f"a - b, mean (n={n} seed{'' if n == 1 else 's'})" if len(items) == 1 else f"{label} (n={n})", epochs, mean)
         band = np.isfinite(low) & np.isfinite(high)
         if band.any():
             ax.fill_between(epochs, low, high, where=band, color=colors[i % len(colors)], alpha=0.18, linewidth=0,

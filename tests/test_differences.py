@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from harness.differences import Difference, gap_per_epoch, paired_difference, parse_side, write_differences
+from harness.differences import Difference, gap_per_epoch, gap_per_seed, paired_difference, parse_side, write_differences
 from harness.errors import ConfigError
 from harness.plots import is_png, plot_gap_per_epoch
 
@@ -87,6 +87,15 @@ def test_the_gap_per_epoch_pairs_seeds_at_every_epoch_and_draws(tmp_path):
     half = T_975_DF1 * statistics.stdev([0.0, 10.0]) / math.sqrt(2)
     assert m2 == pytest.approx(5.0) and (lo2, hi2) == pytest.approx((5.0 - half, 5.0 + half))
     assert lo1 < m1 < hi1 and lo2 <= m2 <= hi2
+    spread = gap_per_seed(ROWS, history, OSR_MINUS_BN)  # the seeds behind each mean
+    assert list(spread) == ["0", "1", "2"]
+    points = {seed: ([e for e, _ in pts], pytest.approx([g for _, g in pts])) for seed, pts in spread.items()}
+    assert points == {"0": ([1, 2], [-10.0, 0.0]), "1": ([1, 2], [0.0, 10.0]), "2": ([1], [-10.0])}
+
+    bare, drawn = plot_gap_per_epoch({"g": curve}, tmp_path / "bare.png"), plot_gap_per_epoch({"g": curve}, tmp_path / "seeds.png", seeds=spread)
+    assert is_png(drawn) and drawn.read_bytes() != bare.read_bytes()  # the seeds' lines are drawn
+    with pytest.raises(ValueError, match="seeds= draws the spread of one series; got 2 series"):
+        plot_gap_per_epoch({"g": curve, "h": curve}, tmp_path / "two.png", seeds=spread)
 
     results, written = write_differences(tmp_path, ROWS, history, [OSR_MINUS_BN])
     names = sorted(p.name for p in written)

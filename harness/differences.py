@@ -297,6 +297,61 @@ def format_differences(results: Sequence[PairedDifference], fmt: str = "markdown
     return "\n".join(out)
 
 
+@dataclass(frozen=True)
+class GapChange:
+    """How a difference ``a - b`` moved between two runs of the same configurations (a control,
+    e.g. 5 epochs, and a treated run, e.g. 20): per seed both paired,
+    ``c_s = (a - b)_treated,s - (a - b)_control,s``, with the Student-t interval of their mean."""
+
+    name: str
+    seeds: tuple[Any, ...]
+    per_seed: tuple[float, ...]
+    control_mean: float | None
+    treated_mean: float | None
+    mean: float | None
+    std: float | None
+    low: float | None
+    high: float | None
+    level: float = LEVEL
+
+    @property
+    def verdict(self) -> str:
+        """``"a - b rose"`` / ``"a - b fell"`` when the interval excludes 0, else ``"unresolved"``."""
+        if self.low is not None and self.low > 0:
+            return "a - b rose"
+        if self.high is not None and self.high < 0:
+            return "a - b fell"
+        return "unresolved"
+
+
+def gap_change(control: PairedDifference, treated: PairedDifference, level: float = LEVEL) -> GapChange:
+    """The change of one difference from ``control`` to ``treated``, paired by seed (the seeds
+    both paired); each side's mean is over those seeds only."""
+    before, after = dict(zip(control.seeds, control.per_seed)), dict(zip(treated.seeds, treated.per_seed))
+    seeds = sorted(set(before) & set(after), key=_seed_key)
+    per_seed = [after[s] - before[s] for s in seeds]
+    mean, std, low, high = interval(per_seed, level)
+    return GapChange(
+        name=treated.difference.name, seeds=tuple(seeds), per_seed=tuple(per_seed),
+        control_mean=statistics.fmean(before[s] for s in seeds) if seeds else None,
+        treated_mean=statistics.fmean(after[s] for s in seeds) if seeds else None,
+        mean=mean, std=std, low=low, high=high, level=level)
+
+
+def format_gap_changes(changes: Sequence[GapChange], control: str = "control", treated: str = "treated") -> str:
+    """The changes as a markdown table; ``control`` / ``treated`` name the two runs' columns."""
+    columns = ("difference", "seeds", f"a - b, {control}", f"a - b, {treated}", "change", "std", "interval", "verdict",
+               "per seed change")
+    out = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for c in changes:
+        cells = (c.name, ",".join(map(str, c.seeds)), _number(c.control_mean), _number(c.treated_mean), _number(c.mean),
+                 "" if c.std is None else f"{c.std:.2f}",
+                 "" if c.low is None else f"{100 * c.level:.0f}%: [{c.low:+.2f}, {c.high:+.2f}]",
+                 c.verdict + ("" if c.low is not None else f" (n={len(c.seeds)})"), " / ".join(f"{d:+.2f}" for d in c.per_seed))
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def write_differences(
     out_dir: Path, rows: Sequence[Mapping[str, Any]], history: Sequence[Mapping[str, Any]], differences: Sequence[Difference]
 ) -> tuple[list[PairedDifference], list[Path]]:

@@ -245,6 +245,27 @@ def differences(recorded: Path, matrix: Path, out: Path | None = None) -> tuple[
     return write_differences(out, rows, read_csv(history_path(recorded)), wanted)
 
 
+def changes(recorded: Path, matrix: Path, control: Path, control_matrix: Path) -> str:
+    """How each ``[[difference]]`` the two matrices both name moved from the control's recorded
+    cells to these (e.g. 5 to 20 epochs), paired by seed: a markdown table."""
+    from harness import get_registry
+    from harness.differences import format_gap_changes, gap_change, paired_difference
+    from harness.matrix import load_matrix
+
+    registry = get_registry()
+    treated_matrix, base_matrix = load_matrix(matrix, registry), load_matrix(control_matrix, registry)
+    mine = {d.name: d for d in treated_matrix.differences}
+    theirs = {d.name: d for d in base_matrix.differences}
+    shared = [name for name in mine if name in theirs]
+    if not shared:
+        raise SystemExit(f"record_results: {matrix} and {control_matrix} name no [[difference]] in common")
+    rows, control_rows = read_csv(recorded), read_csv(control)
+    configurations(rows, matrix)
+    configurations(control_rows, control_matrix)
+    found = [gap_change(paired_difference(control_rows, theirs[n]), paired_difference(rows, mine[n])) for n in shared]
+    return format_gap_changes(found, control=base_matrix.name, treated=treated_matrix.name)
+
+
 def format_differences(results: Sequence[Any]) -> str:
     from harness.differences import format_differences as fmt
 
@@ -269,6 +290,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     dif.add_argument("csv", type=Path)
     dif.add_argument("--matrix", type=Path, default=ROOT / "benchmarks.toml")
     dif.add_argument("--out", type=Path, default=None, help="default: <csv stem>-differences/ beside the CSV")
+    chg = sub.add_parser("changes", help="how the differences both matrices name moved from a control's cells to these")
+    chg.add_argument("csv", type=Path)
+    chg.add_argument("--matrix", type=Path, required=True)
+    chg.add_argument("--control", type=Path, required=True, help="the control's record (e.g. docs/results/fashion-mnist.csv)")
+    chg.add_argument("--control-matrix", type=Path, default=ROOT / "benchmarks.toml")
     args = parser.parse_args(argv)
 
     if args.command == "record":
@@ -276,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"recorded {len(rows)} finished cell(s) into {args.dest} and {history_path(args.dest)}")
     elif args.command == "table":
         print("\n".join(table_rows(read_csv(args.csv), args.matrix)))
+    elif args.command == "changes":
+        print(changes(args.csv, args.matrix, args.control, args.control_matrix))
     elif args.command == "differences":
         results, written = differences(args.csv, args.matrix, args.out)
         print(format_differences(results))

@@ -9,7 +9,8 @@ import textwrap
 
 import pytest
 
-from harness.differences import Difference, gap_per_epoch, gap_per_seed, paired_difference, parse_side, write_differences
+from harness.differences import (Difference, format_gap_changes, gap_change, gap_per_epoch, gap_per_seed, paired_difference,
+                                 parse_side, write_differences)
 from harness.errors import ConfigError
 from harness.plots import is_png, plot_gap_per_epoch
 
@@ -53,6 +54,31 @@ def test_only_seeds_both_sides_finished_are_paired():
     assert result.unpaired == {"a": ("3",), "b": ("2",)}
     single = paired_difference(ROWS[:1] + ROWS[3:4], OSR_MINUS_BN)
     assert single.mean == pytest.approx(1.0) and single.low is None and single.verdict == "unresolved"
+
+
+def test_the_change_of_a_difference_between_two_runs_is_paired_by_seed():
+    """(a - b) of the treated run minus (a - b) of the control, seed by seed, over the seeds both
+    paired; its interval and verdict by the same rule as a difference's."""
+    control = paired_difference(ROWS, OSR_MINUS_BN)  # +1, +2, +4 points
+    longer = [_row("a0", 0, "osr", 0.83), _row("a1", 1, "osr", 0.85), _row("a3", 3, "osr", 0.9),
+              _row("b0", 0, "vanilla_bn", 0.79), _row("b1", 1, "vanilla_bn", 0.80), _row("b3", 3, "vanilla_bn", 0.8)]
+    change = gap_change(control, paired_difference(longer, OSR_MINUS_BN))  # +4, +5 on seeds 0, 1; seed 3 has no control
+    assert change.name == "osr-bn" and change.seeds == ("0", "1") and change.per_seed == pytest.approx([3.0, 3.0])
+    assert (change.control_mean, change.treated_mean, change.mean) == pytest.approx((1.5, 4.5, 3.0))
+    assert (change.low, change.high) == pytest.approx((3.0, 3.0)) and change.verdict == "a - b rose"
+    shrank = gap_change(paired_difference(longer, OSR_MINUS_BN), control)
+    assert shrank.verdict == "a - b fell" and shrank.mean == pytest.approx(-3.0)
+    noisy = [_row("a0", 0, "osr", 0.81), _row("a1", 1, "osr", 0.86), *longer[3:5]]  # +2, +6 points against +1, +2
+    mixed = gap_change(control, paired_difference(noisy, OSR_MINUS_BN))
+    half = T_975_DF1 * statistics.stdev([1.0, 4.0]) / math.sqrt(2)
+    assert mixed.per_seed == pytest.approx([1.0, 4.0])
+    assert (mixed.low, mixed.high) == pytest.approx((2.5 - half, 2.5 + half)) and mixed.verdict == "unresolved"
+    table = format_gap_changes([change, mixed], control="5 epochs", treated="20 epochs")
+    lines = table.splitlines()
+    assert lines[0] == "| difference | seeds | a - b, 5 epochs | a - b, 20 epochs | change | std | interval | verdict | per seed change |"
+    assert lines[2] == "| osr-bn | 0,1 | +1.50 | +4.50 | +3.00 | 0.00 | 95%: [+3.00, +3.00] | a - b rose | +3.00 / +3.00 |"
+    lonely = gap_change(control, paired_difference(longer[:1] + longer[3:4], OSR_MINUS_BN))
+    assert "| unresolved (n=1) | +3.00 |" in format_gap_changes([lonely])
 
 
 def test_a_side_matching_two_configurations_is_refused():

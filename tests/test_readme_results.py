@@ -37,13 +37,14 @@ def _read(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-# Each README results section printed from a committed record: (heading's start, matrix, record).
+# Each README results section printed from a committed record: (heading's start, matrix, record,
+# the control's (record, matrix) whose differences it compares its own with, if any).
 STUDIES = [
-    (SECTION, REPO / "benchmarks.toml", RECORD),
+    (SECTION, REPO / "benchmarks.toml", RECORD, None),
     ("### Does OSR overtake vanilla BN with longer training?", REPO / "benchmarks" / "ablation-fmnist-long.toml",
-     REPO / "docs" / "results" / "ablation-fmnist-long.csv"),
+     REPO / "docs" / "results" / "ablation-fmnist-long.csv", (RECORD, REPO / "benchmarks.toml")),
     ("### TAB and MPBN beside the baselines", REPO / "benchmarks" / "fmnist-tab-mpbn.toml",
-     REPO / "docs" / "results" / "fmnist-tab-mpbn.csv"),
+     REPO / "docs" / "results" / "fmnist-tab-mpbn.csv", None),
 ]
 
 
@@ -174,6 +175,35 @@ def test_the_matrix_differences_on_recorded_cells(tmp_path):
     assert "| osr_minus_vanilla_bn |" in script.format_differences(results) and len(written) == 3
 
 
+def test_changes_pair_each_shared_difference_of_a_control_and_a_longer_run(tmp_path):
+    """`record_results.py changes`: the 5-epoch control's OSR - vanilla BN per seed against the
+    20-epoch run's, each side picked by its own matrix's [[difference]] table."""
+    script = _script()
+    long_matrix = REPO / "benchmarks" / "ablation-fmnist-long.toml"
+
+    def rows(matrix, accuracies):
+        cells = script.matrix_cells(matrix)
+        out = []
+        for (normalizer, seed), acc in accuracies.items():
+            cell = next(c for c in cells if c.axes["seed"] == seed and c.axes["trainer"] == "online"
+                        and c.axes["normalizer"] == normalizer and c.axes["threshold"] == "fixed")
+            out.append(_cell_row(cell, acc))
+        return out
+
+    control = _write(tmp_path / "short.csv", rows(REPO / "benchmarks.toml", {
+        ("vanilla_bn", 0): 0.80, ("osr", 0): 0.78, ("vanilla_bn", 1): 0.81, ("osr", 1): 0.80}))  # -2, -1
+    longer = _write(tmp_path / "long.csv", rows(long_matrix, {
+        ("vanilla_bn", 0): 0.85, ("osr", 0): 0.845, ("vanilla_bn", 1): 0.86, ("osr", 1): 0.86, ("vanilla_bn", 2): 0.9}))  # -0.5, 0
+    lines = script.changes(longer, long_matrix, control, REPO / "benchmarks.toml").splitlines()
+    assert lines[0].startswith("| difference | seeds | a - b, fashion-mnist | a - b, ablation-fmnist-long | change |")
+    (osr,) = [line for line in lines if line.startswith("| osr_minus_vanilla_bn |")]
+    assert osr.startswith("| osr_minus_vanilla_bn | 0,1 | -1.50 | -0.25 | +1.25 | 0.35 |") and osr.endswith("| +1.50 / +1.00 |")
+    assert [line.split(" | ")[0] for line in lines[2:]] == [
+        "| osr_minus_vanilla_bn", "| osr_ots_minus_osr", "| osr_ots_minus_vanilla_bn", "| online_minus_bptt_vanilla_bn"]
+    with pytest.raises(SystemExit, match="name no \\[\\[difference\\]\\] in common"):
+        script.changes(longer, long_matrix, control, REPO / "benchmarks" / "fmnist-tab-mpbn.toml")
+
+
 def test_the_readme_differences_are_those_of_the_recorded_cells(tmp_path):
     script = _script()
     results, _ = script.differences(RECORD, REPO / "benchmarks.toml", tmp_path / "out")
@@ -207,8 +237,8 @@ def test_a_matrix_with_more_axes_gets_a_column_for_each(tmp_path):
                          "| bptt | tab | fixed | none | | not run yet | | | | | |"]
 
 
-@pytest.mark.parametrize("heading, matrix, record", STUDIES, ids=[m.stem for _, m, _ in STUDIES])
-def test_each_results_section_is_its_recorded_cells(heading, matrix, record, tmp_path):
+@pytest.mark.parametrize("heading, matrix, record, control", STUDIES, ids=[m.stem for _, m, _, _ in STUDIES])
+def test_each_results_section_is_its_recorded_cells(heading, matrix, record, control, tmp_path):
     """A study's README table and differences are the script's output from its record; a study
     with no record says so instead of showing numbers."""
     script = _script()
@@ -225,3 +255,5 @@ def test_each_results_section_is_its_recorded_cells(heading, matrix, record, tmp
     if load_matrix(matrix, get_registry()).differences:
         results, _ = script.differences(record, matrix, tmp_path / "out")
         assert script.format_differences(results) in _section(heading)
+    if control is not None:  # how its differences moved from the control's
+        assert script.changes(record, matrix, *control) in _section(heading)

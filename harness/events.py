@@ -47,11 +47,11 @@ class CellResult:
     metrics: dict[str, float] = field(default_factory=dict)  # final epoch's metrics + best_test_top1
     epochs_completed: int = 0
     duration_s: float = 0.0  # seconds in the cell, a resumed cell's earlier sittings included
-    earlier_s: float = 0.0  # of which earlier sittings (up to the checkpoint it resumed from); 0 unless resumed
     error: str | None = None  # traceback text of a failed cell
     error_type: str | None = None
     error_message: str | None = None  # why, in a line or two: "ValueError: Invalid learning rate: -0.1"
     artifacts: dict[str, bytes] = field(default_factory=dict)  # file name -> content (observers store them)
+    earlier_s: float = 0.0  # of duration_s, earlier sittings' (up to the checkpoint it resumed from); 0 unless resumed
 
 
 def error_message(exc: BaseException, *, lines: int = 2, chars: int = 400) -> str:
@@ -124,6 +124,7 @@ class CellRecord:
     last_epoch: int = 0  # the last epoch whose on_epoch_end the observers got
     metrics: dict[str, float] = field(default_factory=dict)  # that epoch's metrics
     failed_observers: set[str] = field(default_factory=set)
+    earlier_s: float = 0.0  # a resumed cell's earlier sittings (its on_cell_start's resumed_elapsed_s)
 
 
 class Delivery:
@@ -152,6 +153,8 @@ class Delivery:
             return
         if event.name == "on_epoch_end":
             record.last_epoch, record.metrics = int(event.payload["epoch"]), dict(event.payload["metrics"])
+        if event.name == "on_cell_start":
+            record.earlier_s = float((event.payload.get("info") or {}).get("resumed_elapsed_s", 0.0))
         self.call(event.cell_id, event.name, **event.payload)
 
     def call(self, cell_id: str, name: str, *, best_effort: bool = False, **payload: Any) -> None:

@@ -217,7 +217,8 @@ def on_cell_start(cell: Cell, info: dict[str, Any]) -> None:
     :param cell: the cell (its ``config`` is the fully resolved configuration).
     :param info: facts known once the cell is built: ``device``, ``num_parameters``, ``model_size_bytes``,
         ``train_size``, ``test_size``; ``resumed_from_epoch`` when the cell continues from its
-        checkpoint (the epochs up to it ran in an earlier process); ``checkpoint_discarded`` (the
+        checkpoint (the epochs up to it ran in an earlier process), with ``resumed_elapsed_s``
+        (the seconds those earlier sittings took up to it); ``checkpoint_discarded`` (the
         reason) when a checkpoint was there but unusable and the cell starts from scratch;
         ``warnings`` (a list of sentences) when the resume could not restore everything (e.g. the
         random states of GPUs that are not visible now); under the ``ray`` executor

@@ -261,7 +261,8 @@ class CellTiming:
     Ray's queue), the arrival of the end that freed a slot for it, first come first served.
     ``to_start_s``: from there to the arrival of its first event (scheduling, a worker's start
     where none was ready, the registry and the data set in the worker). ``overhead_s``: from there to the arrival of its end, minus
-    the cell's own ``duration_s``: the time its slot spent on it outside the cell itself.
+    the cell's own time in this sitting (``duration_s - earlier_s``): the time its slot spent on
+    it outside the cell itself.
     ``queued_s``: from its submission to the moment it could start (0 for a cell that found a
     free slot), counted in neither of the others."""
 
@@ -535,7 +536,8 @@ class RayExecutor:
                 ray.cancel(gen, force=True)
                 record = delivery.records[state.cell.id]
                 result = CellResult(state.cell.id, state.cell.label, "killed", metrics=dict(record.metrics),
-                                    epochs_completed=record.last_epoch, duration_s=time.perf_counter() - state.started)
+                                    epochs_completed=record.last_epoch, earlier_s=record.earlier_s,
+                                    duration_s=record.earlier_s + time.perf_counter() - state.started)
                 with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: the others are still recorded
                     self._end(result, delivery)
                 killed.append(result)
@@ -649,7 +651,7 @@ class RayExecutor:
     @staticmethod
     def _so_far(delivery: Delivery, cell: Any) -> dict[str, Any]:
         record = delivery.records[cell.id]
-        return {"metrics": dict(record.metrics), "epochs_completed": record.last_epoch}
+        return {"metrics": dict(record.metrics), "epochs_completed": record.last_epoch, "earlier_s": record.earlier_s}
 
     def _finish(self, result: CellResult, state: _Running, delivery: Delivery, job: CellJob) -> tuple[CellResult, bool]:
         """Record a cell's end; returns the result and whether a Ctrl-C came meanwhile."""
@@ -657,8 +659,8 @@ class RayExecutor:
             self.timings[result.cell_id] = CellTiming(
                 state.first_item - state.ready, state.end_item - state.ready - (result.duration_s - result.earlier_s),
                 state.ready - state.started)
-        if not result.duration_s:
-            result = dataclasses.replace(result, duration_s=time.perf_counter() - state.started)
+        if not result.duration_s:  # the driver's own result (the worker died): this attempt, after the earlier sittings
+            result = dataclasses.replace(result, duration_s=result.earlier_s + time.perf_counter() - state.started)
         interrupted = False
         try:
             self._end(result, delivery)

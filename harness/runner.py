@@ -214,7 +214,7 @@ def _train(cell: Cell, registry: Registry, engine: Engine, result: CellResult, c
         first_epoch, best = int(state["epoch"]) + 1, float(state["best"])
         best_ema = float(state.get("best_ema", -math.inf))
         result.metrics, result.epochs_completed = dict(state["metrics"]), int(state["epoch"])
-        result.earlier_s = float(state.get("elapsed_s", 0.0))  # a checkpoint of an older harness has none
+        result.earlier_s = notes["resumed_elapsed_s"]  # 0 from a checkpoint of an older harness
     hook.on_cell_start(cell=cell, info=info)
     if state is not None and checkpoint.told(ckpt) != state["epoch"]:  # type: ignore[arg-type]
         # killed after the checkpoint, before the observers heard of its epoch: tell them now
@@ -323,6 +323,7 @@ def _resume(engine: Engine, ckpt: Path | None, cell: Cell, parts: CellParts, gen
         notes["warnings"] = warnings
     if state is not None:
         notes["resumed_from_epoch"] = int(state["epoch"])
+        notes["resumed_elapsed_s"] = float(state.get("elapsed_s", 0.0))
     return parts, state, notes
 
 

@@ -52,22 +52,50 @@ def client(uri: str) -> Any:
 
 @contextlib.contextmanager
 def answered(uri: str, doing: str) -> Iterator[None]:
-    """Say plainly when the tracking server at ``uri`` did not answer a request made while
-    ``doing`` (before any cell ran): a refused connection or a timeout (MLflow's ``API request
-    to ... failed``) becomes a :class:`HarnessError` saying so; any other error is left as it is.
+    """Say plainly what went wrong when the tracking server at ``uri`` fails a request made while
+    ``doing`` (before any cell ran): no answer (a refused connection, a timeout: a ``requests``
+    connection error or timeout behind MLflow's error), or an answer that is not the MLflow API's
+    (an HTTP error page, a body that is not JSON: a proxy, a login, a wrong path) each become a
+    :class:`HarnessError`; an error the MLflow API itself returned is left as it is.
     """
     try:
         yield
     except Exception as exc:
         from mlflow.exceptions import MlflowException
 
-        if not (isinstance(exc, MlflowException) and str(exc.message).startswith("API request to")):
+        if not isinstance(exc, MlflowException):
             raise
-        raise HarnessError(
-            f"the tracking server {uri} did not answer while {doing}, so no cell was run: {exc.message} "
-            "(MLflow waits MLFLOW_HTTP_REQUEST_TIMEOUT seconds per request and retries "
-            "MLFLOW_HTTP_REQUEST_MAX_RETRIES times); run again once it answers"
-        ) from None
+        message = str(exc.message)
+        if _network_failure(exc):
+            raise HarnessError(
+                f"the tracking server {uri} did not answer while {doing}, so no cell was run: {message} "
+                "(MLflow waits MLFLOW_HTTP_REQUEST_TIMEOUT seconds per request and retries "
+                "MLFLOW_HTTP_REQUEST_MAX_RETRIES times); run again once it answers"
+            ) from None
+        if message.startswith("API request to endpoint"):  # it answered, but not as the MLflow API does
+            raise HarnessError(
+                f"the tracking server {uri} answered a request made while {doing} with something other than the "
+                f"MLflow API's reply, so no cell was run: {message[:500]}. Is {uri} an MLflow server's address "
+                "(not a proxy's or a login page's), and does it need credentials (MLFLOW_TRACKING_TOKEN, "
+                "MLFLOW_TRACKING_USERNAME / _PASSWORD)?"
+            ) from None
+        raise
+
+
+def _network_failure(exc: BaseException) -> bool:
+    """Whether a ``requests`` connection error, timeout or exhausted retry is behind ``exc``
+    (MLflow wraps them; the timeout explicitly, the others as the context of its own error)."""
+    import requests
+
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                              requests.exceptions.RetryError)):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def ensure_experiment(mlflow_client: Any, name: str, artifact_root: Path | None) -> str:

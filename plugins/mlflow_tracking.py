@@ -147,7 +147,7 @@ class MlflowTracker:
         self.runs[cell.id] = run_id
         params = [Param(k, _param_value(v)) for k, v in flatten(cell.config).items()]
         params += [Param(f"info.{k}", _param_value(v)) for k, v in info.items()
-                   if k not in ("device", "checkpoint_discarded", "resumed_from_epoch", "warnings", "provenance")
+                   if k not in ("device", "checkpoint_discarded", "resumed_from_epoch", "resumed_elapsed_s", "warnings", "provenance")
                    and not k.startswith("worker_")]
         for i in range(0, len(params), MAX_PARAMS_PER_BATCH):
             self.client.log_batch(run_id, params=params[i : i + MAX_PARAMS_PER_BATCH])

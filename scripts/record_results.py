@@ -259,6 +259,22 @@ def changes(recorded: Path, matrix: Path, control: Path, control_matrix: Path) -
     shared = [name for name in mine if name in theirs]
     if not shared:
         raise SystemExit(f"record_results: {matrix} and {control_matrix} name no [[difference]] in common")
+    from harness.validate import same_value
+
+    for name in shared:  # one name, one comparison: the same metric, the sides agreeing where both name an axis
+        here, there = mine[name], theirs[name]
+        if here.metric != there.metric:
+            raise SystemExit(f"record_results: difference {name!r} compares {here.metric} in {matrix} but "
+                             f"{there.metric} in {control_matrix}")
+        for side in ("a", "b"):
+            x, y = getattr(here, side), getattr(there, side)
+            clash = [k for k in x if k in y and not same_value(x[k], y[k])]
+            if clash:
+                raise SystemExit(f"record_results: difference {name!r}: its side {side} sets {clash[0]} to "
+                                 f"{x[clash[0]]!r} in {matrix} but {y[clash[0]]!r} in {control_matrix}")
+    left = [name for name in mine if name not in theirs]
+    if left:
+        print(f"record_results: no control in {control_matrix} for {', '.join(left)}", file=sys.stderr)
     rows, control_rows = read_csv(recorded), read_csv(control)
     configurations(rows, matrix)
     configurations(control_rows, control_matrix)

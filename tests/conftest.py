@@ -97,19 +97,24 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = SERVER_START_S)
 def start_mlflow_server(root: Path) -> tuple[subprocess.Popen, str]:
     """A real ``mlflow server`` on 127.0.0.1 (one worker, its own SQLite store and artifact
     root under ``root``), in its own process group, answering; returns it and its URL."""
+    import contextlib
+
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    log = root / "server.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+             "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
+             "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=fh, start_new_session=True,
+        )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc)
-    except BaseException:
-        os.killpg(proc.pid, 9)
+    except (RuntimeError, TimeoutError) as exc:
+        with contextlib.suppress(ProcessLookupError):  # it may have exited (and been reaped) already
+            os.killpg(proc.pid, 9)
         proc.wait()
-        raise
+        raise RuntimeError(f"{exc}; the server's log ends:\n{log.read_text(errors='replace')[-3000:]}") from None
     return proc, f"http://127.0.0.1:{port}"
 
 

@@ -80,6 +80,20 @@ def test_an_observer_that_stays_down_is_named_and_then_gets_only_the_end():
     assert log == [("a", 2), ("a", 3), ("down", "end"), ("a", "end")]
 
 
+def test_the_driver_keeps_a_resumed_cells_earlier_time_for_the_results_it_builds_itself():
+    """A worker's on_cell_start says how long the cell's earlier sittings took; a result the
+    driver makes up itself (the cell killed by Ctrl-C, its worker dead) starts from it."""
+    from harness.ray_executor import RayExecutor
+
+    delivery = _delivery()
+    assert delivery.records["c1"].earlier_s == 0.0
+    delivery.deliver(CellEvent("c1", "on_cell_start", {"info": {"resumed_from_epoch": 3, "resumed_elapsed_s": 125.5}}))
+    assert delivery.records["c1"].earlier_s == 125.5
+    assert RayExecutor._so_far(delivery, _Cell("c1"))["earlier_s"] == 125.5
+    delivery.deliver(CellEvent("c1", "on_cell_start", {"info": {}}))  # run again from scratch (no checkpoint)
+    assert delivery.records["c1"].earlier_s == 0.0
+
+
 BASE = ('name = "x"\n[defaults]\ndataset = "digits"\nmodel = "vgg_small"\nnormalizer = "vanilla_bn"\ntrainer = "bptt"\n'
         'epochs = 1\nbatch_size = 8\ntime_steps = 2\n[execution]\n')
 

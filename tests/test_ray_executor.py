@@ -262,6 +262,10 @@ def test_a_sigkilled_worker_resumes_its_cell_from_the_checkpoint_in_a_new_worker
     assert "worker died" in capsys.readouterr().err
     starts = [kw["info"] for _, n, kw in log.events if n == "on_cell_start"]
     assert len(starts) == 2 and starts[1]["resumed_from_epoch"] == 1 and starts[1]["worker_pid"] != kills[0]
+    (end,) = [kw["result"] for _, n, kw in log.events if n == "on_cell_end"]
+    assert end.earlier_s == starts[1]["resumed_elapsed_s"] > 0  # the dead worker's time up to its checkpoint
+    assert end.duration_s > end.earlier_s + sum(kw["metrics"]["epoch_time_s"] for _, n, kw in log.events
+                                                if n == "on_epoch_end" and kw["epoch"] > 1)
     every = list(range(1, EPOCHS + 1))
     assert [kw["epoch"] for _, n, kw in log.events if n == "on_epoch_end"] == every  # no epoch twice
 

@@ -175,7 +175,7 @@ def test_the_matrix_differences_on_recorded_cells(tmp_path):
     assert "| osr_minus_vanilla_bn |" in script.format_differences(results) and len(written) == 3
 
 
-def test_changes_pair_each_shared_difference_of_a_control_and_a_longer_run(tmp_path):
+def test_changes_pair_each_shared_difference_of_a_control_and_a_longer_run(tmp_path, capsys):
     """`record_results.py changes`: the 5-epoch control's OSR - vanilla BN per seed against the
     20-epoch run's, each side picked by its own matrix's [[difference]] table."""
     script = _script()
@@ -200,8 +200,27 @@ def test_changes_pair_each_shared_difference_of_a_control_and_a_longer_run(tmp_p
     assert osr.startswith("| osr_minus_vanilla_bn | 0,1 | -1.50 | -0.25 | +1.25 | 0.35 |") and osr.endswith("| +1.50 / +1.00 |")
     assert [line.split(" | ")[0] for line in lines[2:]] == [
         "| osr_minus_vanilla_bn", "| osr_ots_minus_osr", "| osr_ots_minus_vanilla_bn", "| online_minus_bptt_vanilla_bn"]
+    assert "no control in" in capsys.readouterr().err and "fast_stats_minus_paper_stats" not in "\n".join(lines)
     with pytest.raises(SystemExit, match="name no \\[\\[difference\\]\\] in common"):
         script.changes(longer, long_matrix, control, REPO / "benchmarks" / "fmnist-tab-mpbn.toml")
+
+    def control_with(table: str) -> Path:  # benchmarks.toml with its osr_minus_vanilla_bn changed
+        text = (REPO / "benchmarks.toml").read_text()
+        start = text.index('name = "osr_minus_vanilla_bn"')
+        end = text.index("[[difference]]", start)
+        path = tmp_path / "changed" / "benchmarks.toml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text[:start] + table + "\n\n" + text[end:])
+        return path
+
+    swapped = control_with('name = "osr_minus_vanilla_bn"\na = { trainer = "online", normalizer = "vanilla_bn", threshold = "fixed" }\n'
+                           'b = { trainer = "online", normalizer = "osr", threshold = "fixed" }')
+    with pytest.raises(SystemExit, match="difference 'osr_minus_vanilla_bn': its side a sets normalizer to 'osr' in .* but 'vanilla_bn'"):
+        script.changes(longer, long_matrix, control, swapped)
+    other = control_with('name = "osr_minus_vanilla_bn"\na = { trainer = "online", normalizer = "osr", threshold = "fixed" }\n'
+                         'b = { trainer = "online", normalizer = "vanilla_bn", threshold = "fixed" }\nmetric = "best_test_top1"')
+    with pytest.raises(SystemExit, match="compares test_top1 in .* but best_test_top1 in"):
+        script.changes(longer, long_matrix, control, other)
 
 
 def test_the_readme_differences_are_those_of_the_recorded_cells(tmp_path):

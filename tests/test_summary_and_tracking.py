@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
@@ -60,7 +61,8 @@ def mlflow_server_process(tmp_path_factory):
     try:
         yield proc, url
     finally:
-        os.killpg(proc.pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGCONT)
         stop_process_group(proc)
 
 
@@ -110,7 +112,7 @@ def test_a_tracking_server_that_stops_answering_before_the_first_cell_is_said_pl
     real = session.check_tracking
 
     def answer_then_hang(uri, *args, **kwargs):
-        real(uri, *args, **kwargs)
+        real(uri, timeout=60)  # the previous case's stale request may still hold the server up
         os.killpg(proc.pid, signal.SIGSTOP)
 
     monkeypatch.setattr(session, "check_tracking", answer_then_hang)
@@ -121,13 +123,49 @@ def test_a_tracking_server_that_stops_answering_before_the_first_cell_is_said_pl
         rc = main(["run", "--matrix", str(path), "--results", str(tmp_path / "r"), "--tracking-uri", url,
                    *(["--rerun"] if rerun else [])])
     finally:
-        os.killpg(proc.pid, signal.SIGCONT)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGCONT)
     err = capsys.readouterr().err
     assert rc == ExitCode.USAGE_ERROR and "Traceback" not in err, err[-3000:]
     doing = "opening the matrix's run" if rerun else "looking up the cells that already finished"
     assert f"harness: error: the tracking server {url} did not answer while {doing}, so no cell was run: API request to" in err
     assert "timeout" in err and "MLFLOW_HTTP_REQUEST_TIMEOUT" in err
     assert not (tmp_path / "r" / "hung" / "history.csv").exists() or "test_top1" not in (tmp_path / "r" / "hung" / "history.csv").read_text()
+
+
+def test_a_tracking_address_that_answers_but_not_as_mlflow_is_said_plainly(tmp_path, tiny_matrix, capsys):
+    """A login page in front of the server (``/health`` passes, the API answers 401 with HTML):
+    the run ends with a sentence saying the answer was not the MLflow API's and what to check,
+    not with a traceback, nor with "did not answer"."""
+    import http.server
+    import threading
+
+    from harness.cli import ExitCode, main
+
+    class LoginWall(http.server.BaseHTTPRequestHandler):
+        def _reply(self):
+            ok = self.path == "/health"
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+            self.wfile.write(b"OK" if ok else b"<html>please log in</html>")
+
+        do_GET = do_POST = _reply
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LoginWall)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        rc = main(["run", "--matrix", str(tiny_matrix(name="walled")), "--results", str(tmp_path / "r"), "--tracking-uri", url])
+    finally:
+        server.shutdown()
+    err = capsys.readouterr().err
+    assert rc == ExitCode.USAGE_ERROR and "Traceback" not in err, err[-3000:]
+    assert (f"harness: error: the tracking server {url} answered a request made while looking up the cells that already "
+            "finished with something other than the MLflow API's reply, so no cell was run:") in err
+    assert "failed with error code 401 != 200" in err and "MLFLOW_TRACKING_TOKEN" in err and "did not answer" not in err
 
 
 def test_ui_command_serves_the_store(tmp_path):

@@ -225,8 +225,14 @@ def gap_per_epoch(
     rows: Sequence[Mapping[str, Any]], history: Iterable[Mapping[str, Any]], diff: Difference, level: float = LEVEL
 ) -> list[tuple[int, float, float | None, float | None, int]]:
     """``[(epoch, mean, low, high, n)]``: the paired difference at each epoch of the history."""
+    return _epoch_means(gap_per_seed(rows, history, diff), level)
+
+
+def _epoch_means(per_seed: Mapping[str, Sequence[tuple[int, float]]], level: float = LEVEL
+                 ) -> list[tuple[int, float, float | None, float | None, int]]:
+    """:func:`gap_per_epoch` from :func:`gap_per_seed`'s points."""
     by_epoch: dict[int, list[float]] = {}
-    for points in gap_per_seed(rows, history, diff).values():
+    for points in per_seed.values():
         for epoch, gap in points:
             by_epoch.setdefault(epoch, []).append(gap)
     out = []
@@ -369,11 +375,11 @@ def write_differences(
     write_text(out_dir / "differences.csv", format_differences(results, "csv"))
     written = [out_dir / "differences.md", out_dir / "differences.csv"]
     for diff in differences:
-        curve = gap_per_epoch(rows, history, diff)
+        spread = gap_per_seed(rows, history, diff)
+        curve = _epoch_means(spread)
         if curve:
             written.append(plots.plot_gap_per_epoch(
-                {diff.name: curve}, out_dir / "plots" / f"gap_{_file_name(diff.name)}.png",
-                seeds=gap_per_seed(rows, history, diff),
+                {diff.name: curve}, out_dir / "plots" / f"gap_{_file_name(diff.name)}.png", seeds=spread,
                 ylabel=f"{diff.metric} a - b" + (" (points)" if diff.metric in PERCENT_METRICS else ""),
                 title=f"{diff.name}\na = {side_text(diff.a)}\nb = {side_text(diff.b)}"))
     return results, written

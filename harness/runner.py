@@ -77,26 +77,26 @@ def run_cell(cell: Cell, registry: Registry, hook: Any, checkpoint_dir: Path | N
     ckpt = checkpoint_dir / cell.id if checkpoint_dir is not None else None
     engine = Engine(hook)
 
-    def timed() -> None:  # this sitting's time, after the earlier ones a checkpoint carried
-        result.duration_s = result.earlier_s + time.perf_counter() - start
+    def elapsed() -> float:  # this sitting's time, after the earlier ones a checkpoint carried
+        return result.earlier_s + time.perf_counter() - start
 
     try:
         with devices.backend_settings(cell.config.deterministic, cell.config.cudnn_benchmark):
-            _train(cell, registry, engine, result, ckpt, preloaded, clock=lambda: result.earlier_s + time.perf_counter() - start)
+            _train(cell, registry, engine, result, ckpt, preloaded, clock=elapsed)
         result.status = "finished"
     except KeyboardInterrupt as exc:
         result.status = "killed"
-        timed()
+        result.duration_s = elapsed()
         hook.on_cell_end(cell=cell, result=result)
         raise CellInterrupted(result) from exc
     except parallel.GroupBroken as exc:  # recorded as failed (checkpoint kept), then the run ends
         _failed(result, exc)
-        timed()
+        result.duration_s = elapsed()
         hook.on_cell_end(cell=cell, result=result)
         raise
     except Exception as exc:  # isolation: one bad cell never takes down the matrix
         _failed(result, exc)
-    timed()
+    result.duration_s = elapsed()
     hook.on_cell_end(cell=cell, result=result)  # recorded first: a crash here keeps the checkpoint
     if remove_checkpoint and ckpt is not None and checkpoint_done(result):
         engine.remove_checkpoint(ckpt)

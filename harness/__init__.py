@@ -9,7 +9,7 @@ Public API::
 from harness.errors import ConfigError, DatasetNotFoundError, HarnessError, IncompatibleCellError, PluginError, UnknownNameError
 from harness.hookspecs import hookimpl, hookspec
 from harness.registry import Registry, get_plugin_manager, get_registry
-from harness.validate import Constraint, Length, Range
+from harness.validate import AddedLater, Constraint, Length, Range
 
 __version__ = "0.1.0"
 API_VERSION = "1.0"
@@ -22,6 +22,7 @@ when the major versions agree and its minor is not newer than this one's."""
 
 __all__ = [
     "API_VERSION",
+    "AddedLater",
     "ConfigError",
     "DatasetNotFoundError",
     "Constraint",

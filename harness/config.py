@@ -24,6 +24,9 @@ class Component:
 
     name: str
     options: dict[str, Any] = field(default_factory=dict)
+    # options the plugin marks ``AddedLater``, with the value the cells before them ran with
+    # (:func:`cell_id` leaves an option out while it has that value)
+    later: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -182,18 +185,38 @@ LATER_KEYS: dict[str, Any] = {
 }  # fmt: skip
 
 
+def _later(config: CellConfig) -> dict[str, Any]:
+    """:data:`LATER_KEYS` and the components' ``AddedLater`` options, as dotted names -> original values."""
+    later = dict(LATER_KEYS)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, Component):
+            later.update((f"{f.name}.{k}", v) for k, v in value.later.items())
+    return later
+
+
 def _hashed(config: CellConfig, leave_out: tuple[str, ...] = ()) -> str:
+    later = _later(config)
     flat = {
         k: v for k, v in flatten(config).items()
-        if k not in OBSERVATION_KEYS and k not in leave_out and not (k in LATER_KEYS and v == LATER_KEYS[k])
+        if k not in OBSERVATION_KEYS and k not in leave_out and not (k in later and _same(v, later[k]))
     }
     text = json.dumps(flat, sort_keys=True, default=repr, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _same(value: Any, original: Any) -> bool:
+    """``value == original`` of the same kind (``True`` is not ``1``, a list is its tuple; text is
+    not read as a number, unlike ``validate.same_value``, which matches typed values against text)."""
+    if isinstance(value, (list, tuple)) and isinstance(original, (list, tuple)):
+        return len(value) == len(original) and all(_same(v, o) for v, o in zip(value, original))
+    return (isinstance(value, bool) == isinstance(original, bool)) and value == original
+
+
 def cell_id(config: CellConfig) -> str:
     """A stable id: the first 12 hex digits of the SHA-256 of the resolved config (without
-    :data:`OBSERVATION_KEYS`, and without :data:`LATER_KEYS` at their original values)."""
+    :data:`OBSERVATION_KEYS`, and without :data:`LATER_KEYS` or a plugin's ``AddedLater``
+    options at their original values)."""
     return _hashed(config)
 
 

@@ -210,6 +210,16 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
+def _later_options(info: Any) -> dict[str, Any]:
+    """The options ``info``'s factory marks ``AddedLater``, with their original values."""
+    later = {}
+    for option in getattr(info, "options", {}).values():
+        marked, original = validate.later_original(option.annotation)
+        if marked:
+            later[option.name] = original
+    return later
+
+
 def load_matrix(path: str | Path, catalog: Catalog, only: Sequence[str] = (), sets: Sequence[str] = ()) -> Matrix:
     """Read, validate and expand the matrix file at ``path``.
 
@@ -624,7 +634,7 @@ def _resolve(
                 f"{source}: {kind} {name!r} needs option(s) {', '.join(map(repr, missing))}: "
                 f"set them in [options.{kind}.{name}]"
             )
-        kwargs[kind] = Component(name, resolved)
+        kwargs[kind] = Component(name, resolved, _later_options(info))
 
     for key, value in raw.items():
         if key in COMPONENT_KINDS:

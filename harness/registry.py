@@ -19,7 +19,7 @@ from typing import Any
 
 import pluggy
 
-from harness import hookspecs
+from harness import hookspecs, validate
 from harness.errors import PluginError, UnknownNameError
 
 KINDS: dict[str, str] = {
@@ -207,6 +207,15 @@ class Registrar:
         options, any_option, injected = _options_of(factory, INJECTED[self.kind])
         if "name" in options:
             raise PluginError(f"plugin {self.plugin!r}: {self.kind} {name!r} may not take an option called 'name'")
+        for option in options.values():
+            marked, original = validate.later_original(option.annotation)
+            if marked:
+                try:
+                    validate.check(original, option.annotation)
+                except (TypeError, ValueError) as exc:
+                    raise PluginError(
+                        f"plugin {self.plugin!r}: option {option.name!r} of {self.kind} {name!r} is marked "
+                        f"AddedLater({original!r}), a value the option itself refuses: {exc}") from None
         doc = description if description is not None else " ".join((inspect.getdoc(factory) or "").split("\n\n")[0].split())
         self._table._add(
             ComponentInfo(

@@ -99,6 +99,30 @@ class Length(Constraint):
             raise ConstraintError(f"must have {self.describe()}, got {list(value)!r}")
 
 
+@dataclass(frozen=True)
+class AddedLater:
+    """Marks an option added to a plugin after cells without it were run: ``original`` is the
+    behaviour every one of those cells had. A cell whose option has that value leaves it out of
+    its cell id, so adding the option keeps the ids of the cells that do not use it (and so
+    their finished runs and checkpoints); any other value is hashed as usual::
+
+        def __init__(self, num_features: int, warmup: Annotated[int, Range(0), AddedLater(0)] = 0): ...
+
+    Not a constraint: it checks nothing. ``original`` is normally the new default; a default
+    that differs from it changes behaviour, and the ids of the cells that take it, on purpose."""
+
+    original: Any
+
+
+def later_original(hint: Any) -> tuple[bool, Any]:
+    """``(True, original)`` if ``hint`` is ``Annotated`` with :class:`AddedLater`, else ``(False, None)``."""
+    if typing.get_origin(hint) is Annotated:
+        for meta in typing.get_args(hint)[1:]:
+            if isinstance(meta, AddedLater):
+                return True, meta.original
+    return False, None
+
+
 def _annotated(hint: Any) -> tuple[Any, list[Constraint]]:
     """``(base type, constraints)`` of an ``Annotated`` hint; ``(hint, [])`` otherwise."""
     if typing.get_origin(hint) is Annotated:

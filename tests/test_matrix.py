@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
 
+from harness import AddedLater, Range
 from harness.config import CellConfig, cell_id, flatten, from_dict, to_dict
 from harness.errors import ConfigError, IncompatibleCellError
 from harness.matrix import load_matrix
@@ -119,6 +120,75 @@ def test_cell_config_is_plain_picklable_and_round_trips(write_toml, catalog):
     flat = flatten(cfg)
     assert flat["normalizer.name"] == "bn" and flat["normalizer.momentum"] == 0.1 and flat["optimizer.lr"] == 0.1
     assert cell_id(cfg) == load_matrix(write_toml(BASE, "b.toml"), catalog).cells[0].id
+
+
+def _catalog_with_bn(factory) -> Registry:
+    reg = Registry()
+    for kind, name, f, kw in [("normalizer", "bn", factory, {}), ("threshold", "fixed", _fixed, {}),
+                              ("trainer", "bptt", _bptt, {"step_modes": {"sequence"}}), ("loss", "tet", _loss, {}),
+                              ("model", "net", _net, {}), ("dataset", "toy", _toy, {})]:
+        Registrar(reg.table(kind), "fake", "fake-plugins 0.0").add(name, f, **kw)
+    return reg.freeze()
+
+
+def _norm_v2(num_features: int, momentum: float = 0.1, mode: Literal["renorm", "linear"] = "renorm",
+             warmup: Annotated[int, Range(0), AddedLater(0)] = 0, scale: Annotated[tuple[float, ...], AddedLater((1.0,))] = (1.0,)):
+    """``_norm`` with two options added later, each marked with what the cells before it ran with."""
+
+
+def _norm_v2_unmarked(num_features: int, momentum: float = 0.1, mode: Literal["renorm", "linear"] = "renorm",
+                      warmup: int = 0, scale: tuple[float, ...] = (1.0,)):
+    """The same options added without the mark."""
+
+
+def test_an_option_marked_added_later_keeps_the_ids_of_cells_that_leave_it_at_its_original(write_toml, catalog):
+    text = BASE + '[matrix]\nseed = [0, 1]\n"options.normalizer.bn.momentum" = [0.1, 0.3]\n'
+    before = [c.id for c in load_matrix(write_toml(text), catalog).cells]
+    v2 = _catalog_with_bn(_norm_v2)
+    after = load_matrix(write_toml(text, "v2.toml"), v2).cells
+    assert [c.id for c in after] == before  # finished runs and checkpoints found as they were
+    assert after[0].config.normalizer.options["warmup"] == 0  # still resolved, logged and passed to the factory
+    assert after[0].config.normalizer.later == {"warmup": 0, "scale": (1.0,)}
+    assert "normalizer.warmup" in flatten(after[0].config)
+    cfg = after[0].config
+    assert from_dict(to_dict(cfg)) == cfg and cell_id(from_dict(to_dict(cfg))) == before[0]  # as Ray ships it
+    # the same value given explicitly, or as a list from TOML, is the same cell
+    same = load_matrix(write_toml(text + '[options.normalizer.bn]\nwarmup = 0\nscale = [1.0]\n', "v2b.toml"), v2).cells
+    assert [c.id for c in same] == before
+    # any other value is another cell
+    other = load_matrix(write_toml(text + '[options.normalizer.bn]\nwarmup = 3\n', "v2c.toml"), v2).cells
+    assert not {c.id for c in other} & set(before) and len({c.id for c in other}) == 4
+    scaled = load_matrix(write_toml(text + '[options.normalizer.bn]\nscale = [1.0, 2.0]\n', "v2d.toml"), v2).cells
+    assert not {c.id for c in scaled} & set(before)
+    # without the mark the new options are hashed: every id changes (why the mark exists)
+    unmarked = load_matrix(write_toml(text, "v2e.toml"), _catalog_with_bn(_norm_v2_unmarked)).cells
+    assert not {c.id for c in unmarked} & set(before)
+
+
+def _norm_bad_mark(num_features: int, warmup: Annotated[int, Range(0), AddedLater(-1)] = 0):
+    """Marked with an original its own range refuses."""
+
+
+def test_an_added_later_original_the_option_refuses_is_a_plugin_error():
+    from harness.errors import PluginError
+
+    with pytest.raises(PluginError, match=r"plugin 'fake': option 'warmup' of normalizer 'bn' is marked AddedLater\(-1\), "
+                                          r"a value the option itself refuses: must be .*got -1"):
+        _catalog_with_bn(_norm_bad_mark)
+
+
+def test_added_later_compares_by_kind_true_is_not_one():
+    import dataclasses
+
+    from harness.config import Component
+
+    cfg = CellConfig(dataset=Component("toy"), model=Component("net"), normalizer=Component("bn"),
+                     trainer=Component("bptt"), epochs=1, batch_size=2, time_steps=2)
+    plain = cell_id(cfg)
+    for value, original in [(True, True), (0.5, 0.5), ((1, 2), (1, 2)), ([1, 2], (1, 2)), (None, None)]:
+        assert cell_id(dataclasses.replace(cfg, normalizer=Component("bn", {"o": value}, {"o": original}))) == plain
+    for value, original in [(1, True), (True, 1), (0, False), (0.5, 0.25), ((1,), (1, 2)), ("a", None)]:
+        assert cell_id(dataclasses.replace(cfg, normalizer=Component("bn", {"o": value}, {"o": original}))) != plain, value
 
 
 def test_plugin_options_and_option_axes(write_toml, catalog):

@@ -67,7 +67,9 @@ class OptionInfo:
     def describe(self) -> str:
         ann = "" if self.annotation is inspect.Parameter.empty else f": {_type_name(self.annotation)}"
         default = "" if self.required else f" = {self.default!r}"
-        return f"{self.name}{ann}{default}"
+        marked, original = validate.later_original(self.annotation)
+        later = f" (added later: cell ids leave it out at {original!r})" if marked else ""
+        return f"{self.name}{ann}{default}{later}"
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,8 @@ def test_an_option_marked_added_later_keeps_the_ids_of_cells_that_leave_it_at_it
     assert [c.id for c in after] == before  # finished runs and checkpoints found as they were
     assert after[0].config.normalizer.options["warmup"] == 0  # still resolved, logged and passed to the factory
     assert after[0].config.normalizer.later == {"warmup": 0, "scale": (1.0,)}
+    assert v2.info("normalizer", "bn").options["warmup"].describe() == (
+        "warmup: int (at least 0) = 0 (added later: cell ids leave it out at 0)")  # as `harness list` shows it
     assert "normalizer.warmup" in flatten(after[0].config)
     cfg = after[0].config
     assert from_dict(to_dict(cfg)) == cfg and cell_id(from_dict(to_dict(cfg))) == before[0]  # as Ray ships it
